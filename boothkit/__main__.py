@@ -1,0 +1,3 @@
+from boothkit.cli import main
+
+raise SystemExit(main())
