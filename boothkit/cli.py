@@ -1,0 +1,105 @@
+"""`boothkit` command line. User errors end in one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from boothkit.errors import BoothkitError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter())
+    root = logging.getLogger("boothkit")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with the program name) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BoothkitError(f"{self.prog}: {message}")
+
+
+def _add_train(subparsers) -> None:
+    from boothkit.config import add_schema_arguments
+    from boothkit.train.config import TrainConfig
+
+    parser = subparsers.add_parser("train", help="Train a DreamBooth LoRA from a few photos.")
+    parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags.")
+    add_schema_arguments(parser, TrainConfig)
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from boothkit.config import build_config
+    from boothkit.train.config import TrainConfig
+    from boothkit.train.trainer import train
+
+    config = build_config(TrainConfig, args)
+    result = train(config)
+    print(f"LoRA: {result.lora_path}")
+    if result.weak_path is not None:
+        print(f"weak LoRA (for autoguidance): {result.weak_path}")
+    print(f"outputs: {result.output_dir}")
+    return 0
+
+
+def _add_tiny(subparsers) -> None:
+    from boothkit.testing.tiny import TINY_KINDS
+
+    parser = subparsers.add_parser("tiny", help="Write a tiny random model (offline stand-in for tests and demos).")
+    parser.add_argument("kind", choices=TINY_KINDS)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=_run_tiny)
+
+
+def _run_tiny(args: argparse.Namespace) -> int:
+    from boothkit.testing.tiny import build_tiny
+
+    print(build_tiny(args.kind, args.out_dir, seed=args.seed))
+    return 0
+
+
+COMMANDS: tuple[Callable, ...] = (_add_train, _add_tiny)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="boothkit", description="Personalize text-to-image diffusion models (DreamBooth-LoRA).")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _configure_logging()
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except BoothkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Model families, detected from a pipeline's `model_index.json`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from boothkit.errors import BoothkitError
+from boothkit.families.base import Conditioning, LatentDistribution, ModelFamily
+from boothkit.families.sd import StableDiffusionFamily
+
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily,)
+# Pipelines of the field that boothkit knows but does not support yet: a clearer message than "unsupported".
+PLANNED = {"StableDiffusionXLPipeline": "SDXL", "SanaPipeline": "SANA"}
+
+__all__ = ["Conditioning", "LatentDistribution", "ModelFamily", "FAMILIES", "load_family", "family_class_for"]
+
+
+def _looks_local(source: str) -> bool:
+    return os.path.isabs(source) or source.startswith((".", "~")) or os.path.exists(source) or source.count("/") > 1
+
+
+def read_model_index(source: str, revision: str | None = None) -> dict:
+    """The pipeline's `model_index.json`, from a local folder or the hub; a clear error otherwise."""
+    if _looks_local(source):
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise BoothkitError(f"model '{source}' not found: no such folder")
+        if not (folder / "model_index.json").is_file():
+            raise BoothkitError(f"model folder '{source}' is not a diffusers pipeline (no model_index.json)")
+    try:
+        return DiffusionPipeline.load_config(source, revision=revision)
+    except Exception as error:  # hub/network/parse errors all mean: this model cannot be used
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BoothkitError(f"cannot load model '{source}': {reason}") from None
+
+
+def family_class_for(model_index: dict, source: str) -> type[ModelFamily]:
+    class_name = model_index.get("_class_name", "")
+    for family in FAMILIES:
+        if class_name in family.pipeline_class_names:
+            return family
+    if class_name in PLANNED:
+        raise BoothkitError(f"model '{source}' is a {PLANNED[class_name]} pipeline, which boothkit does not support yet")
+    supported = ", ".join(name for family in FAMILIES for name in family.pipeline_class_names)
+    raise BoothkitError(f"model '{source}' is a {class_name or 'unknown'} pipeline; boothkit supports: {supported}")
+
+
+def load_family(source: str, revision: str | None = None, variant: str | None = None,
+                torch_dtype: torch.dtype = torch.float32) -> ModelFamily:
+    """Detect the family from `model_index.json` and load its pipeline (hub id or local path)."""
+    family = family_class_for(read_model_index(source, revision), source)
+    try:
+        return family.from_pretrained(source, revision=revision, variant=variant, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BoothkitError(f"cannot load model '{source}': {reason}") from None

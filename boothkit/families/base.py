@@ -1,0 +1,152 @@
+"""The one interface every model family implements.
+
+A family is a thin adapter over a diffusers pipeline (which owns the modules): how to load it, how to
+encode prompts and images, how to call the denoiser, what the training target is, which modules take
+LoRA, and the family's sampling defaults. Trainer and sampler only talk to this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+
+
+@dataclass
+class Conditioning:
+    """Prompt conditioning for a batch: named tensors that share batch dimension 0."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def index(self, rows: torch.Tensor | list[int] | slice) -> "Conditioning":
+        return Conditioning({name: value[rows] for name, value in self.tensors.items()})
+
+    def repeat(self, times: int) -> "Conditioning":
+        """Each row repeated `times` times in place (row 0, row 0, ..., row 1, ...)."""
+        return Conditioning({name: value.repeat_interleave(times, dim=0) for name, value in self.tensors.items()})
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        names = parts[0].tensors.keys()
+        return Conditioning({name: torch.cat([part.tensors[name] for part in parts]) for name in names})
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Conditioning":
+        def move(value: torch.Tensor) -> torch.Tensor:
+            cast = dtype if dtype is not None and value.is_floating_point() else None
+            return value.to(device=device, dtype=cast)
+
+        return Conditioning({name: move(value) for name, value in self.tensors.items()})
+
+    def detach(self) -> "Conditioning":
+        return Conditioning({name: value.detach() for name, value in self.tensors.items()})
+
+
+@dataclass
+class LatentDistribution:
+    """Scaled latent posterior of a batch of images: latents = mean + std · ε (std = 0 for deterministic VAEs)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self, noise: torch.Tensor) -> torch.Tensor:
+        return self.mean + self.std * noise
+
+
+class ModelFamily(ABC):
+    """Adapter for one kind of diffusers pipeline (see `boothkit.families.load_family`)."""
+
+    name: ClassVar[str]
+    pipeline_class_names: ClassVar[tuple[str, ...]]
+    denoiser_name: ClassVar[str]  # the pipeline attribute and LoRA prefix: "unet" or "transformer"
+    denoiser_lora_targets: ClassVar[tuple[str, ...]]
+    text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ()
+    default_scheduler: ClassVar[str]
+    default_inference_steps: ClassVar[int]
+    default_guidance_scale: ClassVar[float]
+
+    def __init__(self, pipeline: DiffusionPipeline, source: str):
+        self.pipeline = pipeline
+        self.source = source
+
+    # Loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def load_kwargs(cls) -> dict:
+        """Extra `from_pretrained` arguments (e.g. skip SD's safety checker)."""
+        return {}
+
+    @classmethod
+    def from_pretrained(cls, source: str, revision: str | None = None, variant: str | None = None,
+                        torch_dtype: torch.dtype = torch.float32) -> "ModelFamily":
+        pipeline = DiffusionPipeline.from_pretrained(
+            source, revision=revision, variant=variant, dtype=torch_dtype, **cls.load_kwargs()
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline, source)
+
+    # Modules ---------------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipeline.vae
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.pipeline.text_encoder
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipeline.vae_scale_factor
+
+    @property
+    def default_resolution(self) -> int:
+        """The pipeline's own default size: the denoiser's sample size in pixels (512 for SD 1.5)."""
+        return int(self.denoiser.config.sample_size) * self.vae_scale_factor
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules that never train (LoRA parameters inside them excepted)."""
+        return [module for module in self.pipeline.components.values() if isinstance(module, torch.nn.Module)]
+
+    # Prompts and images ------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
+        """Embed prompts exactly as the family's diffusers pipeline does for its positive prompt."""
+
+    def encode_pixels(self, pixels: torch.Tensor) -> LatentDistribution:
+        """Pixels in [-1, 1] (B, 3, H, W) → scaled latent posterior, as the pipeline expects latents."""
+        vae = self.vae
+        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+        encoded = vae.encode(pixels)
+        scale = vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        if hasattr(encoded, "latent_dist"):
+            dist = encoded.latent_dist
+            return LatentDistribution((dist.mean.float() - shift) * scale, dist.std.float() * scale)
+        latents = (encoded.latent.float() - shift) * scale
+        return LatentDistribution(latents, torch.zeros_like(latents))
+
+    # Denoising and training --------------------------------------------------------------------------
+    @abstractmethod
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                denoiser: torch.nn.Module | None = None) -> torch.Tensor:
+        """The model output (noise, v or flow) for latents at timesteps; `denoiser` overrides a wrapped one."""
+
+    @abstractmethod
+    def training_sample(self, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw timesteps; return (noisy latents, timesteps for the denoiser, target, per-sample loss weight)."""
+
+    # LoRA files ------------------------------------------------------------------------------------
+    def save_lora_weights(self, directory: str, layers: dict[str, dict], metadata: dict[str, dict]) -> None:
+        """Write `pytorch_lora_weights.safetensors` with the pipeline's own saver (keys diffusers loads)."""
+        kwargs = {f"{name}_lora_layers": state for name, state in layers.items()}
+        kwargs.update({f"{name}_lora_adapter_metadata": meta for name, meta in metadata.items()})
+        type(self.pipeline).save_lora_weights(directory, safe_serialization=True, **kwargs)

@@ -1,0 +1,60 @@
+"""Stable Diffusion 1.x / 2.x: UNet2DConditionModel, one CLIP text encoder, epsilon or v-prediction."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+from boothkit.families.base import Conditioning, ModelFamily
+
+
+class StableDiffusionFamily(ModelFamily):
+    name = "sd"
+    pipeline_class_names = ("StableDiffusionPipeline",)
+    denoiser_name = "unet"
+    # The attention projections, as the diffusers DreamBooth-LoRA example targets them.
+    denoiser_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    default_scheduler = "ddim"
+    default_inference_steps = 50
+    default_guidance_scale = 7.5
+
+    def __init__(self, pipeline, source: str):
+        super().__init__(pipeline, source)
+        # The forward (noising) process of training: DDPM with the model's own beta schedule.
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+
+    @classmethod
+    def load_kwargs(cls) -> dict:
+        # The safety checker is a 1.2 GB model that training and guided sampling never use.
+        return {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None}
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
+        embeds, _ = self.pipeline.encode_prompt(
+            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return Conditioning({"encoder_hidden_states": embeds})
+
+    def predict(self, latents, timesteps, conditioning, denoiser=None):
+        denoiser = denoiser if denoiser is not None else self.denoiser
+        return denoiser(
+            latents, timesteps, encoder_hidden_states=conditioning.tensors["encoder_hidden_states"], return_dict=False
+        )[0]
+
+    def training_sample(self, latents, noise, generator):
+        """DDPM training (Ho et al. 2020): t ~ U{0..T-1}, x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε; target ε or v."""
+        batch = latents.shape[0]
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        timesteps = timesteps.to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+        return noisy, timesteps, target, torch.ones(batch, device=latents.device)

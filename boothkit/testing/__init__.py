@@ -1,0 +1,1 @@
+"""Test helpers: tiny, offline, deterministic model folders (see `boothkit.testing.tiny`)."""

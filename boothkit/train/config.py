@@ -1,0 +1,88 @@
+"""`boothkit train` options. Names and defaults follow the diffusers DreamBooth-LoRA example and the seed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from boothkit.config import CommandConfig
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+class TrainConfig(CommandConfig):
+    # Model and data.
+    pretrained_model_name_or_path: str = Field(description="Hub id or local folder of a diffusers pipeline.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
+    instance_data_dir: str = Field(description="Folder with the 3-6 photos of the subject.")
+    instance_prompt: str = Field(description="Prompt with the identifier, e.g. 'a photo of sks dog'.")
+    class_data_dir: str | None = Field(None, description="Folder of class images for prior preservation.")
+    class_prompt: str | None = Field(None, description="Class prompt for prior preservation, e.g. 'a photo of dog'.")
+    with_prior_preservation: bool = Field(False, description="Add the prior-preservation loss on class images.")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss.")
+    num_class_images: int = Field(100, ge=1, description="Class images wanted; missing ones are generated.")
+    sample_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")
+    output_dir: str = Field(description="Where the LoRA, weak/, checkpoints and logs are written.")
+    overwrite: bool = Field(False, description="Allow a non-empty output_dir (replaces earlier boothkit outputs).")
+    # Optimisation.
+    max_train_steps: int = Field(500, ge=1, description="Optimizer steps.")
+    train_batch_size: int = Field(1, ge=1, description="Instance images per step (per device).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    rank: int = Field(4, ge=1, description="LoRA rank.")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: the rank, i.e. scale 1).")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    lr_scheduler: Literal[LR_SCHEDULERS] = Field("constant", description="Learning-rate schedule.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    adam_beta1: float = Field(0.9, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
+    use_8bit_adam: bool = Field(False, description="bitsandbytes 8-bit AdamW (pip install 'boothkit[bnb]').")
+    seed: int = Field(0, ge=0, description="Seed: the same seed gives the same weights.")
+    # Images.
+    resolution: int | None = Field(None, ge=8, description="Training resolution (default: the model's, 512 for SD 1.5).")
+    center_crop: bool = Field(False, description="Center-crop instead of random-crop after resizing.")
+    random_flip: bool = Field(False, description="Flip images horizontally at random.")
+    cache_latents: bool = Field(True, description="Encode images once (both flips) instead of every step.")
+    # Speed and memory.
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the denoiser.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (fp16 needs a GPU).")
+    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder.")
+    # Validation, checkpoints, weak checkpoint.
+    validation_prompt: str | None = Field(None, description="Prompt for validation images.")
+    num_validation_images: int = Field(4, ge=1, description="Validation images per validation.")
+    validation_steps: int = Field(100, ge=1, description="Validate every N steps (and at the end).")
+    checkpointing_steps: int = Field(100, ge=1, description="Save resumable state every N steps.")
+    checkpoints_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints.")
+    resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint folder.")
+    weak_checkpoint_step: int | None = Field(
+        None, ge=0, description="Step of the weak LoRA for autoguidance (default 20% of max_train_steps; 0 disables)."
+    )
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "TrainConfig":
+        if self.with_prior_preservation:
+            if not self.class_prompt:
+                raise ValueError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
+            if not self.class_data_dir:
+                raise ValueError("--with_prior_preservation needs --class_data_dir (generated images go there)")
+        if self.weak_checkpoint_step is not None and self.weak_checkpoint_step >= self.max_train_steps:
+            raise ValueError(
+                f"--weak_checkpoint_step ({self.weak_checkpoint_step}) must be below --max_train_steps "
+                f"({self.max_train_steps})"
+            )
+        return self
+
+    @property
+    def resolved_lora_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else float(self.rank)
+
+    @property
+    def resolved_weak_step(self) -> int:
+        """0 means no weak checkpoint; by default 20% of the run (at least step 1)."""
+        if self.weak_checkpoint_step is not None:
+            return self.weak_checkpoint_step
+        return max(1, round(0.2 * self.max_train_steps)) if self.max_train_steps > 1 else 0

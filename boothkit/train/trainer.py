@@ -1,0 +1,309 @@
+"""DreamBooth-LoRA training (Ruiz et al. 2022; LoRA: Hu et al. 2021) for any `ModelFamily`.
+
+Loss per micro-batch: ‖ε_θ(x_t, c_inst) − target‖² + λ_prior·‖ε_θ(x'_t, c_class) − target'‖² (Ruiz et al. Eq. 2),
+the target being ε, v or the flow as the family says. Frozen modules run without gradients; latents and
+prompt embeddings are computed once when nothing can change them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from tqdm.auto import tqdm
+
+from boothkit import seeding
+from boothkit.data.images import load_image_folder
+from boothkit.errors import BoothkitError
+from boothkit.families import ModelFamily, load_family
+from boothkit.families.base import Conditioning
+from boothkit.train import checkpoint as ckpt
+from boothkit.train.class_images import generate_class_images
+from boothkit.train.config import TrainConfig
+from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
+from boothkit.train.lora import attach_lora, load_trainable_state, save_lora, trainable_parameters, trainable_state
+from boothkit.train.outputs import (LOG_NAME, VALIDATION_DIR, WEAK_DIR, TrainLog, check_output_dir,
+                                    clear_previous_outputs, write_train_config)
+from boothkit.train.validation import save_validation_images
+
+log = logging.getLogger(__name__)
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    lora_path: Path
+    weak_path: Path | None
+    final_loss: float
+
+
+@dataclass
+class Run:
+    """Everything the loop needs; built once by `_prepare`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    family: ModelFamily
+    output_dir: Path
+    resolution: int
+    denoiser: torch.nn.Module  # as prepared by accelerate (DDP-wrapped on several GPUs)
+    trainable: dict[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    instance: LatentBank
+    classes: LatentBank | None
+    prompts: dict[str, Conditioning]  # cached embeddings, empty when the text encoder trains
+    order: SampleOrder
+    start_step: int
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) a training; returns where the LoRA files are."""
+    run = _prepare(config)
+    main = run.accelerator.is_main_process
+    train_log = TrainLog(run.output_dir / LOG_NAME, keep_until_step=run.start_step) if main else None
+    bar = tqdm(total=config.max_train_steps, initial=run.start_step, desc="training", unit="step", disable=not main)
+    loss = float("nan")
+    for step in range(run.start_step + 1, config.max_train_steps + 1):
+        loss = _optimizer_step(run, step - 1)
+        lr = run.lr_scheduler.get_last_lr()[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if main:
+            train_log.append(step, loss, lr)
+            _after_step(run, step)
+    bar.close()
+    lora_path = run.output_dir / "pytorch_lora_weights.safetensors"
+    if main:
+        train_log.close()
+        lora_path = save_lora(run.family, run.trainable, run.output_dir)
+        if config.validation_prompt:
+            _validate(run, config.max_train_steps)
+    run.accelerator.wait_for_everyone()
+    weak = run.output_dir / WEAK_DIR / lora_path.name
+    return TrainResult(run.output_dir, lora_path, weak if weak.exists() else None, loss)
+
+
+def _after_step(run: Run, step: int) -> None:
+    config = run.config
+    if step == config.resolved_weak_step:
+        save_lora(run.family, run.trainable, run.output_dir / WEAK_DIR)
+    if step % config.checkpointing_steps == 0 and step < config.max_train_steps:
+        _save_checkpoint(run, step)
+    if config.validation_prompt and step % config.validation_steps == 0 and step < config.max_train_steps:
+        _validate(run, step)
+
+
+def _validate(run: Run, step: int) -> None:
+    with run.accelerator.autocast():
+        save_validation_images(run.family, run.config.validation_prompt, run.config.num_validation_images,
+                               run.config.seed, run.resolution, run.output_dir / VALIDATION_DIR, step)
+
+
+def _save_checkpoint(run: Run, step: int) -> None:
+    scaler = run.accelerator.scaler
+    state = ckpt.Checkpoint(
+        step=step, trainable=trainable_state(run.trainable), optimizer=run.optimizer.state_dict(),
+        lr_scheduler=run.lr_scheduler.state_dict(), grad_scaler=scaler.state_dict() if scaler else None,
+        info={"seed": run.config.seed, "max_train_steps": run.config.max_train_steps},
+    )
+    ckpt.save_checkpoint(run.output_dir, state, run.config.checkpoints_total_limit)
+
+
+# The step ------------------------------------------------------------------------------------------
+
+def _optimizer_step(run: Run, step_index: int) -> float:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
+    config, accelerator = run.config, run.accelerator
+    losses = []
+    for micro in range(config.gradient_accumulation_steps):
+        micro_step = step_index * config.gradient_accumulation_steps + micro
+        last = micro == config.gradient_accumulation_steps - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(run.denoiser)
+        with sync, accelerator.autocast():
+            loss = _micro_batch_loss(run, micro_step)
+        accelerator.backward(loss / config.gradient_accumulation_steps)
+        losses.append(loss.detach())
+    _average_text_encoder_gradients(run)
+    params = trainable_parameters(run.trainable)
+    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+
+
+def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
+    config, accelerator, family = run.config, run.accelerator, run.family
+    positions = sample_positions(micro_step, accelerator.process_index, accelerator.num_processes,
+                                 config.train_batch_size)
+    rows = [run.order[position] for position in positions]
+    latents = [run.instance.draw(row % len(run.instance), config.seed, p) for row, p in zip(rows, positions)]
+    conditioning = [_prompt(run, "instance").repeat(len(rows))]
+    if run.classes is not None:
+        latents += [run.classes.draw(row % len(run.classes), config.seed, p) for row, p in zip(rows, positions)]
+        conditioning.append(_prompt(run, "class").repeat(len(rows)))
+    latents = torch.cat(latents)
+    stream = (micro_step, accelerator.process_index)
+    noise = torch.randn(latents.shape, generator=seeding.generator(config.seed, "noise", *stream)).to(latents.device)
+    noisy, timesteps, target, weights = family.training_sample(
+        latents, noise, seeding.generator(config.seed, "timesteps", *stream)
+    )
+    prediction = family.predict(noisy, timesteps, Conditioning.cat(conditioning), denoiser=run.denoiser)
+    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1) * weights
+    if run.classes is None:
+        return per_sample.mean()
+    instance_loss, prior_loss = per_sample.chunk(2)
+    return instance_loss.mean() + config.prior_loss_weight * prior_loss.mean()
+
+
+def _prompt(run: Run, which: str) -> Conditioning:
+    if which in run.prompts:
+        return run.prompts[which]
+    text = run.config.instance_prompt if which == "instance" else run.config.class_prompt
+    return run.family.encode_prompts([text], run.accelerator.device)  # with gradients into the text LoRA
+
+
+def _average_text_encoder_gradients(run: Run) -> None:
+    """The text encoder is not DDP-wrapped (the pipeline calls it directly): average its LoRA grads here."""
+    if run.accelerator.num_processes == 1 or "text_encoder" not in run.trainable:
+        return
+    for param in run.trainable["text_encoder"].parameters():
+        if param.requires_grad and param.grad is not None:
+            param.grad = run.accelerator.reduce(param.grad, reduction="mean")
+
+
+# Set-up ---------------------------------------------------------------------------------------------
+
+def _prepare(config: TrainConfig) -> Run:
+    output_dir = check_output_dir(config)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise BoothkitError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU")
+    resume_path = ckpt.resolve_resume(output_dir, config.resume_from_checkpoint)
+    resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
+    instance_images = [image for _, image in load_image_folder(config.instance_data_dir, "instance data folder")]
+    weight_dtype = _DTYPES[config.mixed_precision]  # frozen weights; LoRA weights stay float32
+    family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype)
+    family.pipeline.to(accelerator.device)
+    resolution = config.resolution or family.default_resolution
+    _warn_small_images(instance_images, resolution, config.instance_data_dir)
+    class_images = _class_images(config, family, accelerator, resolution)
+    for module in family.frozen_modules():
+        module.requires_grad_(False)
+    options = ImageOptions(resolution, config.center_crop, config.random_flip, config.cache_latents)
+    instance = LatentBank(family, instance_images, options, "instance", stream=0)
+    classes = LatentBank(family, class_images, options, "class", stream=1) if class_images else None
+    prompts = _cached_prompts(config, family, accelerator.device)
+    trainable = _attach_adapters(config, family, weight_dtype)
+    optimizer, lr_scheduler = _optimizer(config, trainable)
+    if resumed is not None:
+        _restore(resumed, trainable, optimizer, lr_scheduler, accelerator)
+        log.info("resuming from %s (step %d)", resume_path, resumed.step)
+    elif config.overwrite:
+        clear_previous_outputs(output_dir)
+    denoiser, optimizer = accelerator.prepare(family.denoiser, optimizer)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_train_config(output_dir, config, _resolved(config, family, resolution, accelerator))
+    dataset_length = max(len(instance), len(classes) if classes else 0)
+    return Run(config, accelerator, family, output_dir, resolution, denoiser, trainable, optimizer, lr_scheduler,
+               instance, classes, prompts, SampleOrder(dataset_length, config.seed),
+               resumed.step if resumed else 0)
+
+
+def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int) -> list:
+    if not config.with_prior_preservation:
+        return []
+    folder = Path(config.class_data_dir)
+    if accelerator.is_main_process:
+        made = generate_class_images(family, folder, config.class_prompt, config.num_class_images,
+                                     config.sample_batch_size, config.seed, resolution)
+        if made:
+            log.info("generated %d class images in %s", made, folder)
+    accelerator.wait_for_everyone()
+    return [image for _, image in load_image_folder(folder, "class data folder")]
+
+
+def _warn_small_images(images: list, resolution: int, folder: str) -> None:
+    small = sum(1 for image in images if min(image.size) < resolution)
+    if small:
+        log.warning("%d image(s) in '%s' are smaller than %d px and will be upscaled", small, folder, resolution)
+
+
+@torch.no_grad()
+def _cached_prompts(config: TrainConfig, family: ModelFamily, device: torch.device) -> dict[str, Conditioning]:
+    """Prompt embeddings never change while the text encoder is frozen: compute them once."""
+    if config.train_text_encoder:
+        return {}
+    prompts = {"instance": config.instance_prompt}
+    if config.with_prior_preservation:
+        prompts["class"] = config.class_prompt
+    return {name: family.encode_prompts([text], device).detach() for name, text in prompts.items()}
+
+
+def _attach_adapters(config: TrainConfig, family: ModelFamily, weight_dtype: torch.dtype) -> dict:
+    trainable = {family.denoiser_name: family.denoiser}
+    if config.train_text_encoder:
+        if not family.text_encoder_lora_targets:
+            raise BoothkitError(f"--train_text_encoder is not supported for {family.name} models")
+        trainable["text_encoder"] = family.text_encoder
+    for index, (name, module) in enumerate(trainable.items()):
+        targets = family.denoiser_lora_targets if name == family.denoiser_name else family.text_encoder_lora_targets
+        attach_lora(module, targets, config.rank, config.resolved_lora_alpha, seeding.derived_seed(config.seed, "lora_init", index))
+        if config.gradient_checkpointing:
+            _enable_gradient_checkpointing(module)
+    if weight_dtype != torch.float32:
+        cast_training_params(list(trainable.values()), dtype=torch.float32)  # LoRA weights train in fp32
+    return trainable
+
+
+def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    if hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
+    else:
+        module.gradient_checkpointing_enable()
+
+
+def _optimizer(config: TrainConfig, trainable: dict) -> tuple[torch.optim.Optimizer, object]:
+    optimizer_class = torch.optim.AdamW
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise BoothkitError("--use_8bit_adam needs bitsandbytes: pip install 'boothkit[bnb]'") from None
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    optimizer = optimizer_class(
+        trainable_parameters(trainable), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps)
+    return optimizer, lr_scheduler
+
+
+def _restore(resumed: ckpt.Checkpoint, trainable: dict, optimizer, lr_scheduler, accelerator: Accelerator) -> None:
+    try:
+        load_trainable_state(trainable, resumed.trainable)
+        optimizer.load_state_dict(resumed.optimizer)
+    except ValueError as error:
+        raise BoothkitError(f"cannot resume: {error}") from None
+    lr_scheduler.load_state_dict(resumed.lr_scheduler)
+    if resumed.grad_scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(resumed.grad_scaler)
+
+
+def _resolved(config: TrainConfig, family: ModelFamily, resolution: int, accelerator: Accelerator) -> dict:
+    return {
+        "family": family.name, "resolution": resolution, "lora_alpha": config.resolved_lora_alpha,
+        "weak_checkpoint_step": config.resolved_weak_step,
+        "prediction_type": getattr(family, "prediction_type", None),
+        "device": str(accelerator.device), "num_processes": accelerator.num_processes,
+    }

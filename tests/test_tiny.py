@@ -1,0 +1,178 @@
+"""The tiny-model factory: every kind loads with the standard class offline and runs; builds are deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from boothkit.errors import BoothkitError
+from boothkit.testing.tiny import TINY_KINDS, build_sd_bench, build_tiny
+
+MAIN_WEIGHTS = {
+    "sd15": "unet/diffusion_pytorch_model.safetensors",
+    "sd21": "unet/diffusion_pytorch_model.safetensors",
+    "sdxl": "unet/diffusion_pytorch_model.safetensors",
+    "sana": "transformer/diffusion_pytorch_model.safetensors",
+    "dino": "model.safetensors",
+    "clip": "model.safetensors",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: build_tiny(kind, root / kind) for kind in TINY_KINDS}
+
+
+def _generator():
+    return torch.Generator("cpu").manual_seed(0)
+
+
+def _photo(width: int = 40, height: int = 30) -> Image.Image:
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _folder_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_kinds_listed():
+    assert set(TINY_KINDS) == set(MAIN_WEIGHTS)
+
+
+def test_unknown_kind_raises(tmp_path):
+    with pytest.raises(BoothkitError) as info:
+        build_tiny("sd3", tmp_path / "x")
+    message = str(info.value)
+    assert "\n" not in message
+    assert all(kind in message for kind in TINY_KINDS)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_folder_is_small(tiny, kind):
+    assert _folder_bytes(tiny[kind]) < 5 * 1024 * 1024
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_deterministic_per_seed(tiny, tmp_path, kind):
+    state = torch.get_rng_state()
+    again = build_tiny(kind, tmp_path / "again", seed=0)
+    other = build_tiny(kind, tmp_path / "other", seed=1)
+    assert torch.equal(state, torch.get_rng_state()), "building must not disturb the global RNG"
+    weights = MAIN_WEIGHTS[kind]
+    reference = (tiny[kind] / weights).read_bytes()
+    assert (again / weights).read_bytes() == reference
+    assert (other / weights).read_bytes() != reference
+
+
+@pytest.mark.parametrize(
+    ("kind", "prediction_type"), [("sd15", "epsilon"), ("sd21", "v_prediction"), ("sdxl", "epsilon")]
+)
+def test_sd_family_pipeline_runs(tiny, kind, prediction_type):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny[kind])
+    assert isinstance(pipe, StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline)
+    assert pipe.scheduler.config.prediction_type == prediction_type
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert resolution == 32
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a photo of sks dog", num_inference_steps=2, output_type="np", generator=_generator()).images
+    assert images.shape == (1, resolution, resolution, 3)
+    assert np.isfinite(images).all()
+
+
+def test_sana_pipeline_runs(tiny):
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline
+
+    pipe = SanaPipeline.from_pretrained(tiny["sana"])
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.scheduler.config.use_flow_sigmas and pipe.scheduler.config.prediction_type == "flow_prediction"
+    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    pipe.set_progress_bar_config(disable=True)
+    # The default call prepends SANA's long "complex human instruction" and keeps 300 text tokens.
+    images = pipe(
+        prompt="a sks dog",
+        num_inference_steps=2,
+        height=size,
+        width=size,
+        use_resolution_binning=False,
+        output_type="np",
+        generator=_generator(),
+    ).images
+    assert images.shape == (1, size, size, 3)
+    assert np.isfinite(images).all()
+
+
+def test_dino_embeds_images(tiny):
+    from transformers import AutoImageProcessor, ViTModel
+
+    processor = AutoImageProcessor.from_pretrained(tiny["dino"])
+    model = ViTModel.from_pretrained(tiny["dino"]).eval()
+    pixels = processor(images=[_photo(), _photo(30, 50)], return_tensors="pt").pixel_values
+    assert pixels.shape == (2, 3, 224, 224)
+    with torch.no_grad():
+        cls = model(pixel_values=pixels).last_hidden_state[:, 0]
+    assert cls.shape == (2, model.config.hidden_size)
+    assert torch.isfinite(cls).all()
+
+
+def test_clip_embeds_text_and_images(tiny):
+    from transformers import CLIPModel, CLIPProcessor
+
+    processor = CLIPProcessor.from_pretrained(tiny["clip"])
+    model = CLIPModel.from_pretrained(tiny["clip"]).eval()
+    inputs = processor(
+        text=["a photo of sks dog", "a cat"], images=[_photo()], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=inputs.pixel_values).pooler_output
+        text = model.get_text_features(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).pooler_output
+    assert image.shape == (1, 16) and text.shape == (2, 16)
+    assert torch.isfinite(image).all() and torch.isfinite(text).all()
+    assert not torch.allclose(text[0], text[1])
+
+
+def test_clip_tokenizer_covers_text_and_round_trips(tiny):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny["sd15"] / "tokenizer")
+    assert tokenizer.model_max_length == 77
+    dog = tokenizer("a photo of sks dog").input_ids
+    assert dog != tokenizer("a photo of sks cat").input_ids
+    assert "sks</w>" in tokenizer.convert_ids_to_tokens(dog)
+    text = "Naïve café, 日本 😀!"
+    assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True).replace(" ", "") == (
+        text.lower().replace(" ", "")
+    )
+    assert tokenizer.unk_token_id not in tokenizer(text).input_ids[1:-1]
+
+
+def test_gemma_tokenizer_covers_text(tiny):
+    from transformers import GemmaTokenizer
+
+    tokenizer = GemmaTokenizer.from_pretrained(tiny["sana"] / "tokenizer")
+    assert tokenizer.padding_side == "right"
+    ids = tokenizer("Héllo\nworld 日本").input_ids
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Héllo\nworld 日本"
+    assert tokenizer("a sks dog").input_ids != tokenizer("a sks cat").input_ids
+
+
+def test_sd_bench_shape(tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    out = build_sd_bench(tmp_path / "bench")
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    params = sum(p.numel() for p in unet.parameters())
+    assert 30e6 < params < 40e6, params
+    vae = AutoencoderKL.load_config(out / "vae")
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    assert scale == 8 and unet.config.sample_size * scale == 512
+    text = CLIPTextConfig.from_pretrained(out / "text_encoder")
+    assert text.hidden_size == unet.config.cross_attention_dim == 256
