@@ -44,7 +44,11 @@ def add_schema_arguments(parser: argparse.ArgumentParser, schema: type[CommandCo
         origin = typing.get_origin(annotation)
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _help_text(field)}
         if annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            # `--flag` / `--no_flag`, so a flag set in a config file can be switched off again.
+            parser.add_argument(f"--{name}", action="store_true", **kwargs)
+            parser.add_argument(f"--no_{name}", dest=name, action="store_false", default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
+            continue
         elif origin is Literal:
             kwargs["choices"] = list(typing.get_args(annotation))
         elif origin in (list, tuple):

@@ -52,6 +52,20 @@ def test_unknown_kind_raises(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_replaces_only_empty_folders_and_earlier_builds(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert build_tiny("dino", empty) == empty
+    assert build_tiny("clip", empty, seed=3) == empty  # an earlier build is replaced whole
+    assert not (empty / "preprocessor_config.json").exists() and (empty / "processor_config.json").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(BoothkitError):
+        build_tiny("clip", foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.parametrize("kind", TINY_KINDS)
 def test_folder_is_small(tiny, kind):
     assert _folder_bytes(tiny[kind]) < 5 * 1024 * 1024

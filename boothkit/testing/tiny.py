@@ -21,13 +21,16 @@ untouched, the same seed gives byte-identical safetensors files and another seed
 is under 3 MB and builds in well under a second. `build_sd_bench` writes an SD-1.5-shaped pipeline of reduced
 width (about 35 M UNet parameters, 512 px default) for benchmarks.
 
-The folder is built beside `out_dir` and renamed into place, replacing whatever was there.
+The folder is built beside `out_dir` and renamed into place. An existing `out_dir` is replaced only when it is empty
+or an earlier build (it holds the marker file `.boothkit_tiny.json`, which also records kind and seed); any other
+existing path is left alone and a `BoothkitError` raised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,12 +38,15 @@ from boothkit.errors import BoothkitError
 from boothkit.io import atomic_path
 
 TINY_KINDS: tuple[str, ...] = ("sd15", "sd21", "sdxl", "sana", "dino", "clip")
+_MARKER = ".boothkit_tiny.json"
 
 # SD 1.x / 2.x training noise schedule, as saved in the real checkpoints' scheduler configs.
 _SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 # BPE merges of the tiny CLIP tokenizer, in priority order (the DreamBooth identifier "sks" becomes one token).
-_CLIP_MERGES = [("s", "k"), ("sk", "s</w>"), ("o", "g</w>"), ("d", "og</w>"), ("t", "h"), ("th", "e</w>"), ("o", "f</w>")]
+_CLIP_MERGES = [
+    ("s", "k"), ("sk", "s</w>"), ("o", "g</w>"), ("d", "og</w>"), ("t", "h"), ("th", "e</w>"), ("o", "f</w>")
+]
 
 
 def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
@@ -55,19 +61,23 @@ def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     }
     if kind not in builders:
         raise BoothkitError(f"unknown tiny model kind {kind!r}; choose one of: {', '.join(TINY_KINDS)}")
-    return _write(builders[kind], out_dir, seed)
+    return _write(builders[kind], out_dir, seed, kind)
 
 
 def build_sd_bench(out_dir: str | Path, seed: int = 0) -> Path:
     """Write an SD-1.5-shaped pipeline of reduced width (about 35 M UNet parameters, 512 px) for benchmarks."""
-    return _write(functools.partial(_build_sd, bench=True), out_dir, seed)
+    return _write(functools.partial(_build_sd, bench=True), out_dir, seed, "sd_bench")
 
 
-def _write(builder: Callable[[Path, int], None], out_dir: str | Path, seed: int) -> Path:
+def _write(builder: Callable[[Path, int], None], out_dir: str | Path, seed: int, kind: str) -> Path:
     out = Path(out_dir)
-    with atomic_path(out) as tmp:
+    target = out.resolve()
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / _MARKER).is_file())):
+        raise BoothkitError(f"{out} exists and is neither empty nor an earlier tiny build; not replacing it")
+    with atomic_path(target) as tmp:
         tmp.mkdir()
         builder(tmp, int(seed))
+        (tmp / _MARKER).write_text(json.dumps({"kind": kind, "seed": int(seed)}) + "\n", encoding="utf-8")
     return out
 
 
@@ -157,18 +167,19 @@ def _build_sd(out: Path, seed: int, *, v_prediction: bool = False, bench: bool =
     tokenizer = _clip_tokenizer()
     if bench:
         text = {"hidden": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4}
-        levels = {"block_out_channels": (64, 128, 256, 256), "layers_per_block": 2, "attention_head_dim": 8}
-        levels["norm_num_groups"] = 32
+        levels = {"block_out_channels": (64, 128, 256, 256), "layers_per_block": 2, "attention_head_dim": 8,
+                  "norm_num_groups": 32}
         vae_args = ((32, 64, 128, 128), 2, 32, 512)
         sample_size = 64
     else:
         text = {"hidden": 32}
         # Widths 16/32 with 8 norm groups keep the folder under 2 MB (32/64 with 32 groups would be 6 MB).
-        levels = {"block_out_channels": (16, 32), "layers_per_block": 1, "attention_head_dim": 2, "norm_num_groups": 8}
+        levels = {"block_out_channels": (16, 32), "layers_per_block": 1, "attention_head_dim": 2,
+                  "norm_num_groups": 8}
         vae_args = ((16, 32), 1, 8, 32)
         sample_size = 16
     if v_prediction:
-        text["hidden_act"] = "gelu"  # SD 2.x text encoder is OpenCLIP ViT-H (GELU); SD 1.x is OpenAI CLIP (quick GELU)
+        text["hidden_act"] = "gelu"  # SD 2.x: OpenCLIP ViT-H text tower (GELU); SD 1.x: OpenAI CLIP (quick GELU)
     with _seeded(seed, 0):
         text_encoder = CLIPTextModel(_clip_text_config(tokenizer, **text))
     n_cross = len(levels["block_out_channels"]) - 1

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny models are built once per test session (they take well under a second each)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from boothkit.cli import main as cli_main
+from boothkit.data.images import sample_subject_dir
+from boothkit.testing.tiny import build_tiny
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the real `boothkit` command in-process (imports are paid once per test session)."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = cli_main([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: build_tiny(kind, root / kind, seed=0) for kind in ("sd15", "sd21")}
+
+
+@pytest.fixture(scope="session")
+def sd15(tiny_models) -> Path:
+    return tiny_models["sd15"]
+
+
+@pytest.fixture(scope="session")
+def sd21(tiny_models) -> Path:
+    return tiny_models["sd21"]
+
+
+@pytest.fixture
+def instance_dir(tmp_path) -> Path:
+    """A copy of the sample subject (5 photos of a dog, 128 px)."""
+    target = tmp_path / "instance"
+    shutil.copytree(sample_subject_dir(), target)
+    return target

@@ -1,0 +1,330 @@
+"""`boothkit train` on tiny SD 1.5 / 2.1 models: the real CLI, checked through the files it writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+from peft.utils import get_peft_model_state_dict
+
+from boothkit.train.class_images import generate_class_images
+from boothkit.families import load_family
+
+PROMPT = "a photo of sks dog"
+
+
+def train_args(model: Path, instance: Path, out: Path, *extra) -> list[str]:
+    return ["train", "--pretrained_model_name_or_path", model, "--instance_data_dir", instance,
+            "--instance_prompt", PROMPT, "--output_dir", out, *extra]
+
+
+def read_log(out: Path) -> list[dict]:
+    with open(out / "train_log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def lora_keys(path: Path) -> list[str]:
+    with safe_open(str(path), "pt") as handle:
+        return list(handle.keys())
+
+
+def generate(model: Path, lora_dir: Path | None, seed: int = 0) -> np.ndarray:
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir)
+    return pipe(PROMPT, num_inference_steps=4, generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="np").images
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd21"])
+def test_training_writes_the_layout_and_diffusers_loads_it(kind, tiny_models, instance_dir, tmp_path, run_cli):
+    model, out = tiny_models[kind], tmp_path / "out"
+    result = run_cli(*train_args(model, instance_dir, out, "--max_train_steps", 20, "--checkpointing_steps", 10,
+                                 "--learning_rate", 1e-3, "--validation_prompt", "a sks dog in the snow",
+                                 "--num_validation_images", 2, "--validation_steps", 10))
+    assert result.code == 0, result.err
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "weak" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoint-10" / "state.json").is_file()
+    assert sorted(p.name for p in (out / "validation").iterdir()) == [
+        "step-000010_0.png", "step-000010_1.png", "step-000020_0.png", "step-000020_1.png"]
+    log = read_log(out)
+    assert [int(row["step"]) for row in log] == list(range(1, 21))
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["config"]["max_train_steps"] == 20 and saved["resolved"]["weak_checkpoint_step"] == 4
+    assert saved["resolved"]["prediction_type"] == ("v_prediction" if kind == "sd21" else "epsilon")
+    assert set(saved["versions"]) >= {"torch", "diffusers", "transformers", "peft"}
+    assert all(key.startswith("unet.") for key in lora_keys(out / "pytorch_lora_weights.safetensors"))
+    # The LoRA loads with diffusers' own loader and changes the images; weak and final differ.
+    base, fine, weak = generate(model, None), generate(model, out), generate(model, out / "weak")
+    assert np.abs(fine - base).max() > 1e-3
+    assert np.abs(fine - weak).max() > 1e-4
+
+
+def test_lora_alpha_is_kept_in_the_file(sd15, instance_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 2, "--rank", 2,
+                               "--lora_alpha", 8)).code == 0
+    pipe = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(out, adapter_name="subject")
+    config = pipe.unet.peft_config["subject"]
+    assert (config.r, config.lora_alpha) == (2, 8)
+
+
+def test_loss_falls_when_overfitting_one_image(sd15, instance_dir, tmp_path, run_cli):
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "00.jpg").write_bytes((instance_dir / "00.jpg").read_bytes())
+    out = tmp_path / "out"
+    assert run_cli(*train_args(sd15, single, out, "--max_train_steps", 200, "--learning_rate", 1e-3,
+                               "--rank", 8, "--checkpointing_steps", 1000)).code == 0
+    losses = [float(row["loss"]) for row in read_log(out)]
+    assert np.mean(losses[-40:]) < 0.9 * np.mean(losses[:40])
+
+
+def test_text_encoder_lora_is_saved_and_loads(sd15, instance_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 3, "--train_text_encoder",
+                               "--learning_rate", 1e-2)).code == 0
+    keys = lora_keys(out / "pytorch_lora_weights.safetensors")
+    assert any(key.startswith("text_encoder.") for key in keys)
+    assert any(key.startswith("unet.") for key in keys)
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    # B ("up") starts at zero: a trained text-encoder LoRA has moved it.
+    text_up = [key for key in keys if key.startswith("text_encoder.") and ".up." in key]
+    assert text_up and all(weights[key].abs().max() > 0 for key in text_up)
+    pipe = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(out, adapter_name="subject")
+    # Every tensor of the file arrived in the text encoder, with its value.
+    loaded = get_peft_model_state_dict(pipe.text_encoder, adapter_name="subject")
+    assert len(loaded) == sum(key.startswith("text_encoder.") for key in keys)
+    loaded_up = sorted(value.abs().max().item() for key, value in loaded.items() if "lora_B" in key)
+    assert loaded_up == sorted(weights[key].abs().max().item() for key in text_up)
+
+
+def test_same_seed_same_weights_and_caching_changes_nothing(sd15, instance_dir, tmp_path, run_cli):
+    runs = {}
+    for name, extra in (("a", []), ("b", []), ("nocache", ["--no_cache_latents"])):
+        out = tmp_path / name
+        assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 6, "--random_flip",
+                                   "--train_batch_size", 2, *extra)).code == 0
+        runs[name] = load_file(out / "pytorch_lora_weights.safetensors")
+    for key in runs["a"]:
+        assert torch.equal(runs["a"][key], runs["b"][key])
+        torch.testing.assert_close(runs["a"][key], runs["nocache"][key], rtol=1e-4, atol=1e-6)
+
+
+def test_config_file_with_flag_override(sd15, instance_dir, tmp_path, run_cli):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"pretrained_model_name_or_path: {sd15}\ninstance_data_dir: {instance_dir}\n"
+                      f"instance_prompt: {PROMPT}\nmax_train_steps: 50\nrank: 2\n")
+    out = tmp_path / "out"
+    assert run_cli("train", "--config", config, "--output_dir", out, "--max_train_steps", 3).code == 0
+    saved = json.loads((out / "train_config.json").read_text())["config"]
+    assert (saved["max_train_steps"], saved["rank"]) == (3, 2)
+
+
+# Resume ---------------------------------------------------------------------------------------------
+
+RESUME_STEPS = ("--max_train_steps", 120, "--checkpointing_steps", 20, "--train_batch_size", 2,
+                "--random_flip", "--train_text_encoder", "--lr_scheduler", "cosine")
+
+
+def test_resume_after_kill_9_is_bit_identical(sd15, instance_dir, tmp_path, run_cli):
+    reference = tmp_path / "reference"
+    assert run_cli(*train_args(sd15, instance_dir, reference, *RESUME_STEPS)).code == 0
+
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "boothkit", *map(str, train_args(sd15, instance_dir, interrupted, *RESUME_STEPS))]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (interrupted / "checkpoint-20").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (interrupted / "checkpoint-20").is_dir(), "the run never reached its first checkpoint"
+    assert not (interrupted / "checkpoint-120").exists()
+
+    result = run_cli(*train_args(sd15, instance_dir, interrupted, *RESUME_STEPS, "--resume_from_checkpoint", "latest"))
+    assert result.code == 0, result.err
+    expected = load_file(reference / "pytorch_lora_weights.safetensors")
+    resumed = load_file(interrupted / "pytorch_lora_weights.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    weak_expected = load_file(reference / "weak" / "pytorch_lora_weights.safetensors")
+    weak_resumed = load_file(interrupted / "weak" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(weak_expected[key], weak_resumed[key]) for key in weak_expected)
+    assert read_log(reference) == read_log(interrupted)
+
+
+def test_checkpoints_total_limit_and_named_resume(sd15, instance_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 8, "--checkpointing_steps", 2,
+                               "--checkpoints_total_limit", 2)).code == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    result = run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 8, "--checkpointing_steps", 2,
+                                 "--resume_from_checkpoint", "checkpoint-4"))
+    assert result.code == 0, result.err
+    assert [int(row["step"]) for row in read_log(out)] == list(range(1, 9))
+
+
+# Prior preservation -----------------------------------------------------------------------------------
+
+def test_prior_preservation_generates_exactly_the_missing_images(sd15, instance_dir, tmp_path, run_cli):
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for name in ("00.jpg", "01.jpg"):  # the user's own class images are kept and counted
+        (class_dir / f"mine_{name}").write_bytes((instance_dir / name).read_bytes())
+    out = tmp_path / "out"
+    result = run_cli(*train_args(sd15, instance_dir, out, "--with_prior_preservation", "--class_prompt",
+                                 "a photo of dog", "--class_data_dir", class_dir, "--num_class_images", 5,
+                                 "--max_train_steps", 3, "--sample_batch_size", 2))
+    assert result.code == 0, result.err
+    names = sorted(p.name for p in class_dir.iterdir())
+    assert names == ["class_00000.png", "class_00001.png", "class_00002.png", "mine_00.jpg", "mine_01.jpg"]
+    before = {p.name: p.read_bytes() for p in class_dir.iterdir()}
+    result = run_cli(*train_args(sd15, instance_dir, out, "--with_prior_preservation", "--class_prompt",
+                                 "a photo of dog", "--class_data_dir", class_dir, "--num_class_images", 6,
+                                 "--max_train_steps", 3, "--overwrite"))
+    assert result.code == 0, result.err
+    after = {p.name: p.read_bytes() for p in class_dir.iterdir()}
+    assert set(after) - set(before) == {"class_00003.png"}
+    assert all(after[name] == data for name, data in before.items())
+
+
+def test_interrupted_class_generation_resumes_to_the_same_images(sd15, tmp_path):
+    family = load_family(str(sd15))
+    whole, parts, other_batch = tmp_path / "whole", tmp_path / "parts", tmp_path / "other_batch"
+    assert generate_class_images(family, whole, "a photo of dog", 4, 2, seed=3, resolution=32) == 4
+    # Interrupted after the first batch, then run again: the same files, bit for bit.
+    assert generate_class_images(family, parts, "a photo of dog", 2, 2, seed=3, resolution=32) == 2
+    assert generate_class_images(family, parts, "a photo of dog", 4, 2, seed=3, resolution=32) == 2
+    # Another batch size: each image keeps its own seed, so only float rounding can differ.
+    assert generate_class_images(family, other_batch, "a photo of dog", 4, 3, seed=3, resolution=32) == 4
+    for name in (f"class_0000{i}.png" for i in range(4)):
+        assert (whole / name).read_bytes() == (parts / name).read_bytes()
+        a = np.asarray(Image.open(whole / name), dtype=int)
+        b = np.asarray(Image.open(other_batch / name), dtype=int)
+        assert np.abs(a - b).max() <= 1
+
+
+# Bad input ----------------------------------------------------------------------------------------------
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.code != 0
+    lines = [line for line in result.err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.err
+    assert "Traceback" not in result.err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_and_empty_instance_dirs(sd15, tmp_path, run_cli):
+    assert_one_line_error(run_cli(*train_args(sd15, tmp_path / "nope", tmp_path / "o1")), "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_cli(*train_args(sd15, empty, tmp_path / "o2")), "contains no images")
+
+
+def test_no_readable_image(sd15, tmp_path, run_cli):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("not a jpeg")
+    (folder / "b.png").write_bytes(b"")
+    assert_one_line_error(run_cli(*train_args(sd15, folder, tmp_path / "out")), "no readable image")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_images_are_skipped_with_a_warning(sd15, instance_dir, tmp_path, run_cli):
+    data = (instance_dir / "01.jpg").read_bytes()
+    (instance_dir / "zz_truncated.jpg").write_bytes(data[: len(data) // 2])
+    result = run_cli(*train_args(sd15, instance_dir, tmp_path / "out", "--max_train_steps", 2))
+    assert result.code == 0, result.err
+    assert "zz_truncated.jpg" in result.err and "warning" in result.err
+
+
+def test_odd_image_modes_train(sd15, tmp_path, run_cli):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    rgb = Image.open(Path(__file__).parent.parent / "boothkit/assets/sample_subject/dog/00.jpg").convert("RGB")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("P").save(folder / "palette.png")
+    rgb.convert("L").save(folder / "gray.png")
+    Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)).save(folder / "sixteen.png")
+    rgb.resize((16, 24)).save(folder / "small.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgb.save(folder / "rotated.jpg", exif=exif)
+    result = run_cli(*train_args(sd15, folder, tmp_path / "out", "--max_train_steps", 2, "--resolution", 32))
+    assert result.code == 0, result.err
+    assert "upscaled" in result.err
+
+
+def test_non_empty_output_dir_is_refused_and_kept(sd15, instance_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("earlier results")
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, out)), "not empty", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 2, "--overwrite")).code == 0
+    assert (out / "precious.txt").read_text() == "earlier results"
+
+
+def test_prior_preservation_without_class_prompt(sd15, instance_dir, tmp_path, run_cli):
+    result = run_cli(*train_args(sd15, instance_dir, tmp_path / "out", "--with_prior_preservation",
+                                 "--class_data_dir", tmp_path / "class"))
+    assert_one_line_error(result, "--class_prompt")
+
+
+def test_unknown_model_path(instance_dir, tmp_path, run_cli):
+    result = run_cli(*train_args(tmp_path / "no-such-model", instance_dir, tmp_path / "out"))
+    assert_one_line_error(result, "no-such-model")
+    not_a_pipeline = tmp_path / "folder"
+    not_a_pipeline.mkdir()
+    assert_one_line_error(run_cli(*train_args(not_a_pipeline, instance_dir, tmp_path / "out")), "model_index.json")
+
+
+def test_unknown_config_key_and_malformed_config(sd15, instance_dir, tmp_path, run_cli):
+    config = tmp_path / "c.yaml"
+    config.write_text("max_train_step: 10\n")
+    result = run_cli(*train_args(sd15, instance_dir, tmp_path / "out", "--config", config))
+    assert_one_line_error(result, "unknown key", "max_train_step")
+    config.write_text("rank: [unclosed\n")
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "out", "--config", config)), "malformed")
+    toml = tmp_path / "c.toml"
+    toml.write_text("rank = 'four'\n")
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "out", "--config", toml)), "--rank")
+
+
+def test_unknown_flag_and_bad_values(sd15, instance_dir, tmp_path, run_cli):
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "o", "--rnak", 4)), "--rnak")
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "o", "--mixed_precision", "fp8")),
+                          "fp8")
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "o", "--max_train_steps", 10,
+                                              "--weak_checkpoint_step", 10)), "--weak_checkpoint_step")
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "o", "--resume_from_checkpoint",
+                                              "checkpoint-7")), "checkpoint-7")
+    assert_one_line_error(run_cli("train", "--instance_data_dir", instance_dir), "pretrained_model_name_or_path")
+
+
+def test_a_lora_file_is_never_half_written(sd15, instance_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 2)).code == 0
+    leftovers = [p.name for p in out.rglob(".*")]
+    assert leftovers == []
