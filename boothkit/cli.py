@@ -53,6 +53,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     config = build_config(TrainConfig, args)
     result = train(config)
+    if not result.is_main_process:
+        return 0
     print(f"LoRA: {result.lora_path}")
     if result.weak_path is not None:
         print(f"weak LoRA (for autoguidance): {result.weak_path}")

@@ -328,3 +328,77 @@ def test_a_lora_file_is_never_half_written(sd15, instance_dir, tmp_path, run_cli
     assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 2)).code == 0
     leftovers = [p.name for p in out.rglob(".*")]
     assert leftovers == []
+
+
+# Equivalences: the same samples give the same training however they are batched ----------------------
+
+def trained_weights(run_cli, model, instance, out, *extra) -> dict:
+    result = run_cli(*train_args(model, instance, out, "--max_train_steps", 4, "--learning_rate", 1e-3,
+                                 "--train_text_encoder", *extra))
+    assert result.code == 0, result.err
+    return load_file(out / "pytorch_lora_weights.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_accumulation_equals_a_larger_batch(sd15, instance_dir, tmp_path, run_cli):
+    batch = trained_weights(run_cli, sd15, instance_dir, tmp_path / "batch", "--train_batch_size", 2)
+    accumulated = trained_weights(run_cli, sd15, instance_dir, tmp_path / "acc", "--train_batch_size", 1,
+                                  "--gradient_accumulation_steps", 2)
+    assert_same_weights(batch, accumulated)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(sd15, instance_dir, tmp_path, run_cli):
+    plain = trained_weights(run_cli, sd15, instance_dir, tmp_path / "plain")
+    checkpointed = trained_weights(run_cli, sd15, instance_dir, tmp_path / "gc", "--gradient_checkpointing")
+    assert_same_weights(plain, checkpointed)
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(sd15, instance_dir, tmp_path, run_cli):
+    """Under a distributed launcher (torchrun, as `accelerate launch` uses), ranks take interleaved samples
+    and gradients are averaged (DDP for the denoiser, an all-reduce for the text encoder)."""
+    single = trained_weights(run_cli, sd15, instance_dir, tmp_path / "single", "--train_batch_size", 2)
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "boothkit",
+               *map(str, train_args(sd15, instance_dir, out, "--max_train_steps", 4, "--learning_rate", 1e-3,
+                                    "--train_text_encoder", "--train_batch_size", 1))]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.count("LoRA:") == 1  # only the main process reports
+    assert json.loads((out / "train_config.json").read_text())["resolved"]["num_processes"] == 2
+    assert_same_weights(single, load_file(out / "pytorch_lora_weights.safetensors"))
+
+
+def test_bf16_mixed_precision_keeps_lora_in_float32(sd15, instance_dir, tmp_path, run_cli):
+    weights = trained_weights(run_cli, sd15, instance_dir, tmp_path / "bf16", "--mixed_precision", "bf16")
+    assert all(value.dtype == torch.float32 for value in weights.values())
+    assert any(value.abs().max() > 0 for key, value in weights.items() if ".up." in key)
+
+
+def test_fp16_on_cpu_is_a_clear_error(sd15, instance_dir, tmp_path, run_cli):
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "o", "--mixed_precision", "fp16")),
+                          "fp16", "GPU")
+
+
+def test_unsupported_pipeline_is_a_clear_error(instance_dir, tmp_path, run_cli):
+    sdxl = tmp_path / "sdxl"
+    assert run_cli("tiny", "sdxl", sdxl).code == 0
+    assert_one_line_error(run_cli(*train_args(sdxl, instance_dir, tmp_path / "o")), "SDXL", "not support")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    assert_one_line_error(run_cli(*train_args(other, instance_dir, tmp_path / "o")), "KandinskyPipeline")
+
+
+def test_tiny_command_writes_a_loadable_pipeline(tmp_path, run_cli):
+    result = run_cli("tiny", "sd21", tmp_path / "m", "--seed", 3)
+    assert result.code == 0, result.err
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert_one_line_error(run_cli("tiny", "sd99", tmp_path / "x"), "sd99")

@@ -332,11 +332,11 @@ def load_image_folder(
             "skipping unreadable image %s in %s %s: %s", _quote(exc.path.name), what, _quote(folder), exc.reason
         )
     if min_size is not None:
-        _warn_small_images(loaded, min_size)
+        warn_small_images(loaded, min_size)
     return loaded
 
 
-def _warn_small_images(images: list[tuple[Path, Image.Image]], min_size: int) -> None:
+def warn_small_images(images: list[tuple[Path, Image.Image]], min_size: int) -> None:
     """Warn once per image whose shorter side is below `min_size` (it will be upscaled, hence blurry)."""
     for path, image in images:
         width, height = image.size

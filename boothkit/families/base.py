@@ -140,9 +140,10 @@ class ModelFamily(ABC):
         """The model output (noise, v or flow) for latents at timesteps; `denoiser` overrides a wrapped one."""
 
     @abstractmethod
-    def training_sample(self, latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator
+    def training_sample(self, latents: torch.Tensor, noise: torch.Tensor, generators: list[torch.Generator]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw timesteps; return (noisy latents, timesteps for the denoiser, target, per-sample loss weight)."""
+        """Draw each row's timestep from its own generator; return (noisy latents, timesteps for the
+        denoiser, target, per-sample loss weight)."""
 
     # LoRA files ------------------------------------------------------------------------------------
     def save_lora_weights(self, directory: str, layers: dict[str, dict], metadata: dict[str, dict]) -> None:

@@ -45,10 +45,11 @@ class StableDiffusionFamily(ModelFamily):
             latents, timesteps, encoder_hidden_states=conditioning.tensors["encoder_hidden_states"], return_dict=False
         )[0]
 
-    def training_sample(self, latents, noise, generator):
+    def training_sample(self, latents, noise, generators):
         """DDPM training (Ho et al. 2020): t ~ U{0..T-1}, x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε; target ε or v."""
         batch = latents.shape[0]
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=generator) for generator in generators])
         timesteps = timesteps.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.prediction_type == "epsilon":

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from boothkit import seeding
-from boothkit.data.images import load_image_folder
+from boothkit.data.images import load_image_folder, warn_small_images
 from boothkit.errors import BoothkitError
 from boothkit.families import ModelFamily, load_family
 from boothkit.families.base import Conditioning
@@ -42,6 +43,7 @@ class TrainResult:
     lora_path: Path
     weak_path: Path | None
     final_loss: float
+    is_main_process: bool
 
 
 @dataclass
@@ -88,7 +90,7 @@ def train(config: TrainConfig) -> TrainResult:
             _validate(run, config.max_train_steps)
     run.accelerator.wait_for_everyone()
     weak = run.output_dir / WEAK_DIR / lora_path.name
-    return TrainResult(run.output_dir, lora_path, weak if weak.exists() else None, loss)
+    return TrainResult(run.output_dir, lora_path, weak if weak.exists() else None, loss, main)
 
 
 def _after_step(run: Run, step: int) -> None:
@@ -141,22 +143,20 @@ def _optimizer_step(run: Run, step_index: int) -> float:
 
 
 def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
+    """Loss of one micro-batch. Each row's draws are keyed by its position, so splitting a batch into
+    accumulation steps (or across processes) changes nothing but float rounding."""
     config, accelerator, family = run.config, run.accelerator, run.family
     positions = sample_positions(micro_step, accelerator.process_index, accelerator.num_processes,
                                  config.train_batch_size)
-    rows = [run.order[position] for position in positions]
-    latents = [run.instance.draw(row % len(run.instance), config.seed, p) for row, p in zip(rows, positions)]
-    conditioning = [_prompt(run, "instance").repeat(len(rows))]
-    if run.classes is not None:
-        latents += [run.classes.draw(row % len(run.classes), config.seed, p) for row, p in zip(rows, positions)]
-        conditioning.append(_prompt(run, "class").repeat(len(rows)))
-    latents = torch.cat(latents)
-    stream = (micro_step, accelerator.process_index)
-    noise = torch.randn(latents.shape, generator=seeding.generator(config.seed, "noise", *stream)).to(latents.device)
-    noisy, timesteps, target, weights = family.training_sample(
-        latents, noise, seeding.generator(config.seed, "timesteps", *stream)
-    )
-    prediction = family.predict(noisy, timesteps, Conditioning.cat(conditioning), denoiser=run.denoiser)
+    banks = [("instance", run.instance)] + ([("class", run.classes)] if run.classes is not None else [])
+    rows = [(bank, stream, p) for stream, (_, bank) in enumerate(banks) for p in positions]
+    latents = torch.cat([bank.draw(run.order[p] % len(bank), config.seed, p) for bank, _, p in rows])
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=seeding.generator(config.seed, "noise", stream, p))
+                         for _, stream, p in rows]).to(latents.device)
+    timestep_generators = [seeding.generator(config.seed, "timesteps", stream, p) for _, stream, p in rows]
+    conditioning = Conditioning.cat([_prompt(run, name).repeat(len(positions)) for name, _ in banks])
+    noisy, timesteps, target, weights = family.training_sample(latents, noise, timestep_generators)
+    prediction = family.predict(noisy, timesteps, conditioning, denoiser=run.denoiser)
     per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1) * weights
     if run.classes is None:
         return per_sample.mean()
@@ -184,17 +184,16 @@ def _average_text_encoder_gradients(run: Run) -> None:
 
 def _prepare(config: TrainConfig) -> Run:
     output_dir = check_output_dir(config)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise BoothkitError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU")
+    accelerator = _accelerator(config)
     resume_path = ckpt.resolve_resume(output_dir, config.resume_from_checkpoint)
     resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
-    instance_images = [image for _, image in load_image_folder(config.instance_data_dir, "instance data folder")]
+    instance_files = load_image_folder(config.instance_data_dir, "instance data folder")
     weight_dtype = _DTYPES[config.mixed_precision]  # frozen weights; LoRA weights stay float32
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype)
     family.pipeline.to(accelerator.device)
     resolution = config.resolution or family.default_resolution
-    _warn_small_images(instance_images, resolution, config.instance_data_dir)
+    warn_small_images(instance_files, resolution)
+    instance_images = [image for _, image in instance_files]
     class_images = _class_images(config, family, accelerator, resolution)
     for module in family.frozen_modules():
         module.requires_grad_(False)
@@ -219,6 +218,15 @@ def _prepare(config: TrainConfig) -> Run:
                resumed.step if resumed else 0)
 
 
+def _accelerator(config: TrainConfig) -> Accelerator:
+    # The precision lives in a process-wide singleton: reset it so that each run in a process sets its own
+    # (the distributed part, PartialState, is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    if config.mixed_precision == "fp16" and PartialState().device.type == "cpu":
+        raise BoothkitError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU")
+    return Accelerator(mixed_precision=config.mixed_precision)
+
+
 def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int) -> list:
     if not config.with_prior_preservation:
         return []
@@ -230,12 +238,6 @@ def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Acceler
             log.info("generated %d class images in %s", made, folder)
     accelerator.wait_for_everyone()
     return [image for _, image in load_image_folder(folder, "class data folder")]
-
-
-def _warn_small_images(images: list, resolution: int, folder: str) -> None:
-    small = sum(1 for image in images if min(image.size) < resolution)
-    if small:
-        log.warning("%d image(s) in '%s' are smaller than %d px and will be upscaled", small, folder, resolution)
 
 
 @torch.no_grad()
@@ -266,8 +268,10 @@ def _attach_adapters(config: TrainConfig, family: ModelFamily, weight_dtype: tor
 
 
 def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
-    if hasattr(module, "enable_gradient_checkpointing"):
+    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
         module.enable_gradient_checkpointing()
+    elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+        module.activation_checkpointing_enable()
     else:
         module.gradient_checkpointing_enable()
 
