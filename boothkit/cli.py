@@ -62,6 +62,25 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sample(subparsers) -> None:
+    from boothkit.config import add_schema_arguments
+    from boothkit.sample import SampleConfig
+
+    parser = subparsers.add_parser("sample", help="Generate images with CFG, CFG + AutoGuidance or WIG.")
+    parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags.")
+    add_schema_arguments(parser, SampleConfig)
+    parser.set_defaults(handler=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from boothkit.config import build_config
+    from boothkit.sample import SampleConfig, run_sample
+
+    paths = run_sample(build_config(SampleConfig, args))
+    print(f"{len(paths)} image(s) and samples.json in {paths[0].parent}")
+    return 0
+
+
 def _add_tiny(subparsers) -> None:
     from boothkit.testing.tiny import TINY_KINDS
 
@@ -79,7 +98,7 @@ def _run_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable, ...] = (_add_train, _add_tiny)
+COMMANDS: tuple[Callable, ...] = (_add_train, _add_sample, _add_tiny)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,3 +55,23 @@ def instance_dir(tmp_path) -> Path:
     target = tmp_path / "instance"
     shutil.copytree(sample_subject_dir(), target)
     return target
+
+
+def train_tiny_lora(model: Path, out: Path, *extra: str) -> Path:
+    """A strongly trained LoRA (with text-encoder LoRA and a weak checkpoint) so guidance effects are visible."""
+    code = cli_main(["train", "--pretrained_model_name_or_path", str(model), "--instance_data_dir",
+                     str(sample_subject_dir()), "--instance_prompt", "a photo of sks dog", "--output_dir", str(out),
+                     "--max_train_steps", "30", "--learning_rate", "1e-2", "--weak_checkpoint_step", "5",
+                     "--train_text_encoder", *extra])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd15_lora(sd15, tmp_path_factory) -> Path:
+    return train_tiny_lora(sd15, tmp_path_factory.mktemp("lora") / "sd15")
+
+
+@pytest.fixture(scope="session")
+def sd21_lora(sd21, tmp_path_factory) -> Path:
+    return train_tiny_lora(sd21, tmp_path_factory.mktemp("lora") / "sd21")

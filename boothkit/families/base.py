@@ -13,6 +13,8 @@ from typing import ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 
 @dataclass
@@ -103,6 +105,10 @@ class ModelFamily(ABC):
         return self.pipeline.text_encoder
 
     @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
+
+    @property
     def vae_scale_factor(self) -> int:
         return self.pipeline.vae_scale_factor
 
@@ -117,8 +123,13 @@ class ModelFamily(ABC):
 
     # Prompts and images ------------------------------------------------------------------------------
     @abstractmethod
-    def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
-        """Embed prompts exactly as the family's diffusers pipeline does for its positive prompt."""
+    def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:
+        """Embed prompts exactly as the family's diffusers pipeline does for its positive prompt
+        (`negative=True`: as it does for the negative / empty prompt, where the two differ)."""
+
+    def pipeline_kwargs(self) -> dict:
+        """Extra arguments for calls of the family's diffusers pipeline (class images, validation)."""
+        return {}
 
     def encode_pixels(self, pixels: torch.Tensor) -> LatentDistribution:
         """Pixels in [-1, 1] (B, 3, H, W) → scaled latent posterior, as the pipeline expects latents."""
@@ -132,6 +143,20 @@ class ModelFamily(ABC):
             return LatentDistribution((dist.mean.float() - shift) * scale, dist.std.float() * scale)
         latents = (encoded.latent.float() - shift) * scale
         return LatentDistribution(latents, torch.zeros_like(latents))
+
+    def initial_noise(self, generator: torch.Generator, height: int, width: int, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+        """Noise (1, C, h, w) for one image, drawn on the generator's device as diffusers pipelines draw it."""
+        shape = (1, self.denoiser.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents → PIL images, with the pipeline's VAE and image processor."""
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+        decoded = vae.decode(latents, return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(decoded, output_type="pil")
 
     # Denoising and training --------------------------------------------------------------------------
     @abstractmethod

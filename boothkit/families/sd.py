@@ -33,7 +33,8 @@ class StableDiffusionFamily(ModelFamily):
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
-    def encode_prompts(self, prompts: list[str], device: torch.device) -> Conditioning:
+    def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:
+        # SD encodes positive and negative prompts alike (padded to 77 tokens, no attention mask).
         embeds, _ = self.pipeline.encode_prompt(
             list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )

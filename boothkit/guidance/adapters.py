@@ -1,0 +1,108 @@
+"""LoRA adapters for guided sampling: load fine and weak LoRAs side by side, and scale them per sample.
+
+A LoRA layer computes W·x + s·B(A(x)). With a forward hook on every B that multiplies row i of its output
+by a per-sample factor, one batch can hold the fine model (fine adapter at 1), the weak model (weak adapter
+at 1), the weight interpolation θ_ω = (1−ω)·θ_pre + ω·θ_ft (fine adapter at ω: LoRA is linear in its
+scale, so this *is* the interpolated weight, not an output mix) and the base model (all at 0). No weights
+are copied and no adapter is (un)loaded inside the sampling loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+
+from boothkit.errors import BoothkitError
+from boothkit.families.base import ModelFamily
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+FINE, WEAK = "fine", "weak"
+
+
+def model_scales(model: str, omega: float) -> dict[str, float]:
+    """LoRA scale of each adapter for a model variant of `boothkit.guidance.rules.Branch`."""
+    return {"fine": {FINE: 1.0}, "weak": {WEAK: 1.0}, "interp": {FINE: omega}, "base": {}}[model]
+
+
+def lora_file(path: str | Path, what: str) -> Path:
+    """The LoRA file of a folder (or the file itself); a clear error when it is missing."""
+    path = Path(path)
+    candidate = path / LORA_WEIGHT_NAME if path.is_dir() else path
+    if not candidate.is_file():
+        raise BoothkitError(f"{what} '{path}' has no {LORA_WEIGHT_NAME}")
+    return candidate
+
+
+def load_adapter(family: ModelFamily, path: str | Path, name: str, what: str) -> None:
+    """Load a LoRA as adapter `name`, checking that every tensor of the file found its layer."""
+    file = lora_file(path, what)
+    try:
+        with safe_open(str(file), "pt") as handle:
+            file_keys = list(handle.keys())
+        family.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except BoothkitError:
+        raise
+    except Exception as error:  # shape or key mismatches surface as several exception types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BoothkitError(f"{what} '{path}' does not fit model '{family.source}': {reason[:300]}") from None
+    loaded = sum(len(get_peft_model_state_dict(module, adapter_name=name)) for module in _adapted_modules(family, name))
+    if loaded == 0 or loaded < len(file_keys):
+        raise BoothkitError(
+            f"{what} '{path}' does not fit model '{family.source}': {loaded} of {len(file_keys)} LoRA tensors "
+            "matched its layers"
+        )
+
+
+def _adapted_modules(family: ModelFamily, name: str) -> list[torch.nn.Module]:
+    modules = [family.denoiser, *family.text_encoders]
+    return [module for module in modules if name in getattr(module, "peft_config", {})]
+
+
+def activate(family: ModelFamily, names: list[str]) -> None:
+    """Make the adapters active at scale 1: per-sample hooks then set each row's scale."""
+    family.pipeline.set_adapters(names, adapter_weights=[1.0] * len(names))
+
+
+def lora_layers(module: torch.nn.Module) -> list[LoraLayer]:
+    return [layer for layer in module.modules() if isinstance(layer, LoraLayer)]
+
+
+@contextlib.contextmanager
+def per_sample_scales(modules: list[torch.nn.Module], scales: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, adapter `name`'s contribution to batch row i is multiplied by `scales[name][i]`.
+
+    Adapters whose factors are all 1 are left untouched, so a plain batch runs exactly as without hooks.
+    """
+    handles = []
+    try:
+        for module in modules:
+            for layer in lora_layers(module):
+                for name, factors in scales.items():
+                    if name in layer.lora_B and not bool((factors == 1).all()):
+                        _check_plain_lora(layer, name)
+                        handles.append(layer.lora_B[name].register_forward_hook(_scaling_hook(factors)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _check_plain_lora(layer: LoraLayer, name: str) -> None:
+    if layer.use_dora.get(name, False):
+        raise BoothkitError(f"adapter '{name}' is a DoRA adapter, which per-sample scaling does not support")
+
+
+def _scaling_hook(factors: torch.Tensor):
+    def hook(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[0] != factors.shape[0]:
+            raise RuntimeError(f"per-sample LoRA scales for {factors.shape[0]} rows, layer saw {output.shape[0]}")
+        shape = (factors.shape[0],) + (1,) * (output.ndim - 1)
+        return output * factors.to(device=output.device, dtype=output.dtype).view(shape)
+
+    return hook

@@ -1,0 +1,95 @@
+"""Guidance rules for personalized diffusion models: small pure functions over model outputs.
+
+Notation (docs/guidance.md): ε(x, c; θ) is the model output — noise for SD, v or flow for other families;
+every rule is linear in the outputs, so it applies unchanged. c is the prompt embedding, ∅ the empty
+(or negative) prompt embedding, θ_pre the base model, θ_ft = base + LoRA at scale 1, θ_weak = base + weak
+LoRA, θ_ω = (1−ω)·θ_pre + ω·θ_ft, which for a LoRA is exactly the LoRA at scale ω.
+
+A `Guidance` names the branches (prompt × model) a rule needs; the sampler evaluates all of them in one
+batched forward call and hands the outputs to `combine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+Method = Literal["cfg", "ag", "wig", "none"]
+METHODS: tuple[str, ...] = ("cfg", "ag", "wig", "none")
+
+
+def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022; the seed's Eq. 5): ε(x,∅) + λ·[ε(x,c) − ε(x,∅)]."""
+    return uncond + scale * (cond - uncond)
+
+
+def autoguidance(weak: torch.Tensor, fine: torch.Tensor, scale: float) -> torch.Tensor:
+    """Autoguidance (Karras et al. 2024, Eq. 1; the seed's Eq. 6): D_weak + λ·[D_fine − D_weak]."""
+    return weak + scale * (fine - weak)
+
+
+def cfg_autoguidance(fine_uncond: torch.Tensor, fine_cond: torch.Tensor, weak_uncond: torch.Tensor,
+                     weak_cond: torch.Tensor, cfg_scale: float, scale: float) -> torch.Tensor:
+    """CFG + AG (the seed's Eq. 6 applied to CFG outputs): CFG_weak + λ·[CFG_ft − CFG_weak], where
+    CFG_θ = ε(x,∅;θ) + s·[ε(x,c;θ) − ε(x,∅;θ)]. λ = 1 is plain CFG(s) of the fine model."""
+    return autoguidance(cfg(weak_uncond, weak_cond, cfg_scale), cfg(fine_uncond, fine_cond, cfg_scale), scale)
+
+
+def weight_interpolation_guidance(interp_uncond: torch.Tensor, fine_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Weight-interpolation guidance (personalization guidance, Park et al. 2025; the seed's Eqs. 7 & 9):
+    ε(x,∅;θ_ω) + λ·[ε(x,c;θ_ft) − ε(x,∅;θ_ω)]. ω = 1 is CFG; ω = 0 guides away from the base model."""
+    return interp_uncond + scale * (fine_cond - interp_uncond)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One model output a rule needs: which prompt ("cond" or "uncond") through which weights."""
+
+    prompt: Literal["cond", "uncond"]
+    model: Literal["fine", "weak", "interp"]
+
+
+FINE_COND, FINE_UNCOND = Branch("cond", "fine"), Branch("uncond", "fine")
+WEAK_COND, WEAK_UNCOND = Branch("cond", "weak"), Branch("uncond", "weak")
+INTERP_UNCOND = Branch("uncond", "interp")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """A rule with its settings: the branches it needs and how their outputs combine."""
+
+    method: Method
+    branches: tuple[Branch, ...]
+    combine: Callable[[dict[Branch, torch.Tensor]], torch.Tensor]
+    guidance_scale: float
+    cfg_scale: float | None = None
+    omega: float | None = None
+
+    @property
+    def needs_weak(self) -> bool:
+        return any(branch.model == "weak" for branch in self.branches)
+
+
+def make_guidance(method: Method, guidance_scale: float, cfg_scale: float = 7.5, omega: float = 1.0) -> Guidance:
+    """The `Guidance` for `--method`, with λ = guidance_scale, s = cfg_scale (ag) and ω = omega (wig)."""
+    if method == "cfg":
+        return Guidance(method, (FINE_UNCOND, FINE_COND),
+                        lambda out: cfg(out[FINE_UNCOND], out[FINE_COND], guidance_scale), guidance_scale)
+    if method == "ag":
+        return Guidance(
+            method, (FINE_UNCOND, FINE_COND, WEAK_UNCOND, WEAK_COND),
+            lambda out: cfg_autoguidance(out[FINE_UNCOND], out[FINE_COND], out[WEAK_UNCOND], out[WEAK_COND],
+                                         cfg_scale, guidance_scale),
+            guidance_scale, cfg_scale=cfg_scale,
+        )
+    if method == "wig":
+        if not 0.0 <= omega <= 1.0:
+            raise ValueError(f"omega must lie in [0, 1], got {omega}")
+        return Guidance(method, (INTERP_UNCOND, FINE_COND),
+                        lambda out: weight_interpolation_guidance(out[INTERP_UNCOND], out[FINE_COND], guidance_scale),
+                        guidance_scale, omega=omega)
+    if method == "none":
+        return Guidance(method, (FINE_COND,), lambda out: out[FINE_COND], guidance_scale)
+    raise ValueError(f"unknown guidance method {method!r}; choose from {', '.join(METHODS)}")

@@ -1,0 +1,157 @@
+"""One guided sampler for every rule and every family.
+
+Per step, the branches a rule needs (prompt/empty × fine/weak/interpolated weights) are stacked into one
+batch and the denoiser runs once: each row gets its own LoRA scales (`adapters.per_sample_scales`). As in
+edm2 and diffusers' list-of-generators convention, image i of a prompt starts from
+`Generator("cpu").manual_seed(seed + i)`, so an image never depends on the batch it was drawn in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from boothkit.errors import BoothkitError
+from boothkit.families.base import Conditioning, ModelFamily
+from boothkit.guidance.adapters import FINE, WEAK, activate, load_adapter, lora_file, model_scales, per_sample_scales
+from boothkit.guidance.rules import Branch, Guidance
+from boothkit.guidance.schedulers import make_scheduler
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    num_inference_steps: int
+    height: int
+    width: int
+    scheduler: str
+    batch_size: int = 4  # images per denoising batch (each image brings one row per branch)
+    batched_branches: bool = True  # False: evaluate the branches one by one (reference and benchmark)
+    progress: bool = True
+
+
+@dataclass
+class GeneratedImage:
+    prompt: str
+    prompt_index: int
+    image_index: int
+    seed: int
+    image: Image.Image
+
+
+def load_guidance_adapters(family: ModelFamily, lora_dir: str | None, weak_dir: str | None,
+                           guidance: Guidance) -> list[str]:
+    """Load the fine LoRA (and the weak one when the rule needs it) as resident, active adapters."""
+    names = []
+    if lora_dir is not None:
+        load_adapter(family, lora_dir, FINE, "LoRA folder")
+        names.append(FINE)
+    if guidance.needs_weak:
+        if weak_dir is None and lora_dir is None:
+            raise BoothkitError("--method ag needs a weak checkpoint: pass --lora_dir (with weak/) or --weak_checkpoint_path")
+        weak_dir = weak_dir or str(Path(lora_dir) / "weak")
+        try:
+            lora_file(weak_dir, "weak checkpoint")
+        except BoothkitError as error:
+            raise BoothkitError(f"--method ag needs a weak checkpoint: {error} (train with --weak_checkpoint_step, "
+                                "or pass --weak_checkpoint_path)") from None
+        load_adapter(family, weak_dir, WEAK, "weak checkpoint")
+        names.append(WEAK)
+    if names:
+        activate(family, names)
+    return names
+
+
+class GuidedSampler:
+    def __init__(self, family: ModelFamily, guidance: Guidance, settings: SamplerSettings, adapters: list[str]):
+        self.family = family
+        self.guidance = guidance
+        self.settings = settings
+        self.adapters = adapters
+        self.device = family.denoiser.device
+        self.dtype = family.denoiser.dtype
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], negative_prompt: str | None, num_images_per_prompt: int,
+                 seed: int) -> list[GeneratedImage]:
+        """`num_images_per_prompt` images of each prompt; image i of a prompt uses seed + i."""
+        conditioning = self.conditioning(prompts, negative_prompt)
+        items = [(p, i) for p in range(len(prompts)) for i in range(num_images_per_prompt)]
+        chunks = [items[start:start + self.settings.batch_size] for start in range(0, len(items), self.settings.batch_size)]
+        bar = tqdm(total=len(chunks) * self.settings.num_inference_steps, desc="sampling", unit="step",
+                   disable=not self.settings.progress)
+        results = []
+        for chunk in chunks:
+            rows = [p for p, _ in chunk]
+            generators = [torch.Generator("cpu").manual_seed(seed + i) for _, i in chunk]
+            images = self.sample({b: c.index(rows) for b, c in conditioning.items()}, generators, bar)
+            results += [GeneratedImage(prompts[p], p, i, seed + i, image) for (p, i), image in zip(chunk, images)]
+            bar.set_postfix(images=len(results))
+        bar.close()
+        return results
+
+    def conditioning(self, prompts: list[str], negative_prompt: str | None) -> dict[Branch, Conditioning]:
+        """Each branch's prompt embeddings (one row per prompt), through that branch's text-encoder LoRA."""
+        result = {}
+        for branch in self.guidance.branches:
+            texts = list(prompts) if branch.prompt == "cond" else [negative_prompt or ""] * len(prompts)
+            with per_sample_scales(self.family.text_encoders, self.row_scales((branch,), len(texts))):
+                result[branch] = self.family.encode_prompts(texts, self.device, negative=branch.prompt == "uncond")
+        return result
+
+    def row_scales(self, branches: tuple[Branch, ...], rows: int) -> dict[str, torch.Tensor]:
+        """Per adapter, the LoRA scale of every row of a branch-major batch."""
+        scales = {}
+        for adapter in self.adapters:
+            values = [model_scales(branch.model, self.guidance.omega or 0.0).get(adapter, 0.0) for branch in branches]
+            scales[adapter] = torch.tensor(values, device=self.device, dtype=self.dtype).repeat_interleave(rows)
+        return scales
+
+    def sample(self, conditioning: dict[Branch, Conditioning], generators: list[torch.Generator],
+               bar: tqdm | None = None) -> list[Image.Image]:
+        """Run the scheduler from each generator's noise to images."""
+        settings, family = self.settings, self.family
+        scheduler = make_scheduler(settings.scheduler, family.pipeline.scheduler.config)
+        scheduler.set_timesteps(settings.num_inference_steps, device=self.device)
+        noise = [family.initial_noise(g, settings.height, settings.width, self.dtype, self.device) for g in generators]
+        latents = torch.cat(noise) * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, generators)
+        for timestep in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(latents, timestep)
+            guided = self.denoise(model_input, timestep, conditioning)
+            latents = scheduler.step(guided, timestep, latents, **step_kwargs, return_dict=False)[0]
+            if bar is not None:
+                bar.update(1)
+        return family.decode(latents)
+
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor,
+                conditioning: dict[Branch, Conditioning]) -> torch.Tensor:
+        """The guided model output: every branch in one forward call (or, for reference, one call each)."""
+        branches, rows = self.guidance.branches, latents.shape[0]
+        denoiser = [self.family.denoiser]
+        if self.settings.batched_branches:
+            with per_sample_scales(denoiser, self.row_scales(branches, rows)):
+                stacked = self.family.predict(torch.cat([latents] * len(branches)), timestep,
+                                              Conditioning.cat([conditioning[b] for b in branches]))
+            outputs = dict(zip(branches, stacked.chunk(len(branches))))
+        else:
+            outputs = {}
+            for branch in branches:
+                with per_sample_scales(denoiser, self.row_scales((branch,), rows)):
+                    outputs[branch] = self.family.predict(latents, timestep, conditioning[branch])
+        return self.guidance.combine(outputs)
+
+
+def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
+    """What diffusers pipelines pass to `scheduler.step`: eta = 0 (DDIM) and the per-image generators."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    return kwargs

@@ -1,0 +1,36 @@
+"""Scheduler names for `--scheduler`: short names of the usual diffusers schedulers, or a class name."""
+
+from __future__ import annotations
+
+import diffusers
+
+from boothkit.errors import BoothkitError
+
+SCHEDULERS: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "dpm_single": "DPMSolverSinglestepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "deis": "DEISMultistepScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
+}
+
+
+def scheduler_class(name: str) -> type:
+    """`ddim` or `DDIMScheduler` → the diffusers class; a clear error for anything else."""
+    class_name = SCHEDULERS.get(name.lower(), name)
+    cls = getattr(diffusers, class_name, None) if class_name.endswith("Scheduler") else None
+    if cls is None:
+        raise BoothkitError(f"unknown scheduler '{name}'; choose from {', '.join(SCHEDULERS)} or a diffusers class name")
+    return cls
+
+
+def make_scheduler(name: str, model_scheduler_config: dict, **overrides):
+    """A fresh scheduler of `name` configured from the model's own scheduler config (betas, prediction type)."""
+    return scheduler_class(name).from_config(model_scheduler_config, **overrides)

@@ -1,0 +1,146 @@
+"""`boothkit sample`: guided sampling of a personalized model (CFG, CFG + AutoGuidance, WIG)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from boothkit.config import CommandConfig
+from boothkit.errors import BoothkitError
+from boothkit.families import ModelFamily, load_family
+from boothkit.guidance.rules import METHODS, make_guidance
+from boothkit.guidance.sampler import GeneratedImage, GuidedSampler, SamplerSettings, load_guidance_adapters
+from boothkit.guidance.schedulers import scheduler_class
+from boothkit.io import save_image_atomic, write_json_atomic
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class SampleConfig(CommandConfig):
+    pretrained_model_name_or_path: str = Field(description="Hub id or local folder of the base pipeline.")
+    revision: str | None = Field(None, description="Hub revision of the model.")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
+    lora_dir: str | None = Field(None, description="Fine LoRA folder (its weak/ serves --method ag).")
+    weak_checkpoint_path: str | None = Field(None, description="Weak LoRA folder or file (overrides LORA_DIR/weak).")
+    method: Literal[METHODS] = Field("cfg", description="Guidance: cfg, ag (CFG + AutoGuidance), wig, none.")
+    prompt: list[str] = Field(default_factory=list, description="Prompt (repeatable).",
+                              json_schema_extra={"repeatable": True})
+    prompts_file: str | None = Field(None, description="Text file with one prompt per line, or a JSON list.")
+    guidance_scale: float | None = Field(None, description="λ (default: the family's, 7.5 for SD).")
+    cfg_scale: float = Field(7.5, description="s, the CFG scale inside CFG + AG.")
+    omega: float = Field(0.5, ge=0.0, le=1.0, description="ω of WIG: LoRA scale of the weak (null-prompt) branch.")
+    negative_prompt: str | None = Field(None, description="Replaces the empty prompt in every rule.")
+    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (default: 50 for SD).")
+    num_images_per_prompt: int = Field(1, ge=1, description="Images per prompt; image i uses seed + i.")
+    seed: int = Field(0, ge=0, description="Seed of image 0 of every prompt.")
+    height: int | None = Field(None, ge=8, description="Height (default: the model's resolution).")
+    width: int | None = Field(None, ge=8, description="Width (default: the model's resolution).")
+    scheduler: str | None = Field(None, description="ddim, dpm, euler, euler_a, unipc, ... or a diffusers class name.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Weights dtype (fp16 needs a GPU).")
+    batch_size: int = Field(4, ge=1, description="Images per denoising batch.")
+    output_dir: str = Field(description="Where images and samples.json are written.")
+    overwrite: bool = Field(False, description="Allow a non-empty output_dir.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SampleConfig":
+        if not self.prompt and not self.prompts_file:
+            raise ValueError("give at least one --prompt or a --prompts_file")
+        if self.scheduler is not None:
+            try:
+                scheduler_class(self.scheduler)
+            except BoothkitError as error:
+                raise ValueError(str(error)) from None
+        return self
+
+
+def read_prompts(config: SampleConfig) -> list[str]:
+    prompts = list(config.prompt)
+    if config.prompts_file:
+        path = Path(config.prompts_file)
+        if not path.is_file():
+            raise BoothkitError(f"prompts file '{path}' does not exist")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise BoothkitError(f"prompts file '{path}' is malformed JSON: {error}") from None
+            if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
+                raise BoothkitError(f"prompts file '{path}' must hold a JSON list of strings")
+            prompts += data
+        else:
+            prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise BoothkitError("no prompts: the prompts file is empty")
+    return prompts
+
+
+def slug(prompt: str, limit: int = 60) -> str:
+    """`a sks dog, in the snow!` → `a_sks_dog_in_the_snow` (file-name safe)."""
+    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:limit].rstrip("_") or "prompt"
+
+
+def image_name(index: int, prompt: str) -> str:
+    return f"{index:04d}_{slug(prompt)}.png"
+
+
+def check_output_dir(path: str, overwrite: bool) -> Path:
+    output_dir = Path(path)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise BoothkitError(f"output_dir '{output_dir}' exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise BoothkitError(f"output_dir '{output_dir}' is not empty; pass --overwrite to write into it")
+    return output_dir
+
+
+def sampler_settings(family: ModelFamily, config: SampleConfig) -> SamplerSettings:
+    resolution = family.default_resolution
+    return SamplerSettings(
+        num_inference_steps=config.num_inference_steps or family.default_inference_steps,
+        height=config.height or resolution, width=config.width or resolution,
+        scheduler=config.scheduler or family.default_scheduler, batch_size=config.batch_size,
+    )
+
+
+def run_sample(config: SampleConfig) -> list[Path]:
+    prompts = read_prompts(config)
+    output_dir = check_output_dir(config.output_dir, config.overwrite)
+    dtype = DTYPES[config.mixed_precision]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise BoothkitError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU")
+    family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, dtype)
+    guidance = make_guidance(config.method, config.guidance_scale or family.default_guidance_scale,
+                             config.cfg_scale, config.omega)
+    adapters = load_guidance_adapters(family, config.lora_dir, config.weak_checkpoint_path, guidance)
+    family.pipeline.to(device)
+    settings = sampler_settings(family, config)
+    images = GuidedSampler(family, guidance, settings, adapters).generate(
+        prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
+    return write_samples(output_dir, images, config, guidance, settings)
+
+
+def write_samples(output_dir: Path, images: list[GeneratedImage], config: SampleConfig, guidance,
+                  settings: SamplerSettings) -> list[Path]:
+    """`NNNN_<prompt-slug>.png` for each image and `samples.json` describing how each was made."""
+    weak = config.weak_checkpoint_path or (str(Path(config.lora_dir) / "weak") if config.lora_dir else None)
+    records, paths = [], []
+    for index, generated in enumerate(images):
+        path = output_dir / image_name(index, generated.prompt)
+        save_image_atomic(generated.image, path)
+        paths.append(path)
+        records.append({
+            "file": path.name, "prompt": generated.prompt, "seed": generated.seed, "method": guidance.method,
+            "guidance_scale": guidance.guidance_scale, "cfg_scale": guidance.cfg_scale, "omega": guidance.omega,
+            "negative_prompt": config.negative_prompt, "steps": settings.num_inference_steps,
+            "scheduler": settings.scheduler, "height": settings.height, "width": settings.width,
+            "model": config.pretrained_model_name_or_path, "lora_dir": config.lora_dir,
+            "weak_lora": weak if guidance.needs_weak else None,
+        })
+    write_json_atomic(output_dir / "samples.json", records)
+    return paths
