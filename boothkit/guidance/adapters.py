@@ -1,6 +1,6 @@
 """LoRA adapters for guided sampling: load fine and weak LoRAs side by side, and scale them per sample.
 
-A LoRA layer computes W·x + s·B(A(x)). With a forward hook on every B that multiplies row i of its output
+A LoRA layer computes W·x + s·B(A(x)). With a hook on every B that multiplies row i of its (rank-r) input
 by a per-sample factor, one batch can hold the fine model (fine adapter at 1), the weak model (weak adapter
 at 1), the weight interpolation θ_ω = (1−ω)·θ_pre + ω·θ_ft (fine adapter at ω: LoRA is linear in its
 scale, so this *is* the interpolated weight, not an output mix) and the base model (all at 0). No weights
@@ -86,7 +86,7 @@ def per_sample_scales(modules: list[torch.nn.Module], scales: dict[str, torch.Te
                 for name, factors in scales.items():
                     if name in layer.lora_B and not bool((factors == 1).all()):
                         _check_plain_lora(layer, name)
-                        handles.append(layer.lora_B[name].register_forward_hook(_scaling_hook(factors)))
+                        handles.append(_scale_rows(layer.lora_B[name], factors))
         yield
     finally:
         for handle in handles:
@@ -98,11 +98,16 @@ def _check_plain_lora(layer: LoraLayer, name: str) -> None:
         raise BoothkitError(f"adapter '{name}' is a DoRA adapter, which per-sample scaling does not support")
 
 
-def _scaling_hook(factors: torch.Tensor):
-    def hook(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        if output.shape[0] != factors.shape[0]:
-            raise RuntimeError(f"per-sample LoRA scales for {factors.shape[0]} rows, layer saw {output.shape[0]}")
-        shape = (factors.shape[0],) + (1,) * (output.ndim - 1)
-        return output * factors.to(device=output.device, dtype=output.dtype).view(shape)
+def _scale_rows(lora_b: torch.nn.Module, factors: torch.Tensor):
+    """B(s·h) = s·B(h) for a bias-free B: scaling B's rank-r input is far cheaper than its full-width output."""
+    if getattr(lora_b, "bias", None) is None:
+        return lora_b.register_forward_pre_hook(lambda module, inputs: (_times(inputs[0], factors), *inputs[1:]))
+    return lora_b.register_forward_hook(lambda module, inputs, output: _times(output, factors))
 
-    return hook
+
+def _times(tensor: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Row i of a batch-first tensor times factors[i]."""
+    if tensor.shape[0] != factors.shape[0]:
+        raise RuntimeError(f"per-sample LoRA scales for {factors.shape[0]} rows, layer saw {tensor.shape[0]}")
+    shape = (factors.shape[0],) + (1,) * (tensor.ndim - 1)
+    return tensor * factors.to(device=tensor.device, dtype=tensor.dtype).view(shape)
