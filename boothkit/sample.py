@@ -120,6 +120,9 @@ def run_sample(config: SampleConfig) -> list[Path]:
     adapters = load_guidance_adapters(family, config.lora_dir, config.weak_checkpoint_path, guidance)
     family.pipeline.to(device)
     settings = sampler_settings(family, config)
+    if settings.height % family.resolution_multiple or settings.width % family.resolution_multiple:
+        raise BoothkitError(f"--height and --width must be multiples of {family.resolution_multiple} for "
+                            f"{family.name} models")
     images = GuidedSampler(family, guidance, settings, adapters).generate(
         prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
     return write_samples(output_dir, images, config, guidance, settings)

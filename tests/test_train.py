@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from peft.utils import get_peft_model_state_dict
 
-from boothkit.train.class_images import generate_class_images
+from boothkit.train.class_images import generate_class_images, missing_class_indices
 from boothkit.families import load_family
 
 PROMPT = "a photo of sks dog"
@@ -178,9 +178,32 @@ def test_checkpoints_total_limit_and_named_resume(sd15, instance_dir, tmp_path, 
                                "--checkpoints_total_limit", 2)).code == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     result = run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 8, "--checkpointing_steps", 2,
-                                 "--resume_from_checkpoint", "checkpoint-4"))
+                                 "--checkpoints_total_limit", 2, "--resume_from_checkpoint", "checkpoint-4"))
     assert result.code == 0, result.err
+    assert "removing checkpoint-6" in result.err  # the abandoned continuation of the older checkpoint
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     assert [int(row["step"]) for row in read_log(out)] == list(range(1, 9))
+
+
+def test_resume_refuses_an_incompatible_run(sd15, instance_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 4, "--checkpointing_steps", 2)).code == 0
+    before = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    result = run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 4, "--checkpointing_steps", 2,
+                                 "--rank", 8, "--resume_from_checkpoint", "latest"))
+    assert_one_line_error(result, "cannot resume", "--rank")
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == before
+
+
+def test_latest_with_nothing_to_resume(sd15, instance_dir, tmp_path, run_cli):
+    fresh = tmp_path / "fresh"  # an empty or missing folder: a new run starts
+    assert run_cli(*train_args(sd15, instance_dir, fresh, "--max_train_steps", 2,
+                               "--resume_from_checkpoint", "latest")).code == 0
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, occupied, "--resume_from_checkpoint", "latest")),
+                          "no checkpoint", "--overwrite")
 
 
 # Prior preservation -----------------------------------------------------------------------------------
@@ -210,12 +233,17 @@ def test_prior_preservation_generates_exactly_the_missing_images(sd15, instance_
 def test_interrupted_class_generation_resumes_to_the_same_images(sd15, tmp_path):
     family = load_family(str(sd15))
     whole, parts, other_batch = tmp_path / "whole", tmp_path / "parts", tmp_path / "other_batch"
-    assert generate_class_images(family, whole, "a photo of dog", 4, 2, seed=3, resolution=32) == 4
+
+    def generate(folder, wanted, batch_size):
+        indices = missing_class_indices(folder, wanted)
+        return generate_class_images(family, folder, "a photo of dog", indices, batch_size, seed=3, resolution=32)
+
+    assert generate(whole, 4, 2) == 4
     # Interrupted after the first batch, then run again: the same files, bit for bit.
-    assert generate_class_images(family, parts, "a photo of dog", 2, 2, seed=3, resolution=32) == 2
-    assert generate_class_images(family, parts, "a photo of dog", 4, 2, seed=3, resolution=32) == 2
+    assert generate(parts, 2, 2) == 2
+    assert generate(parts, 4, 2) == 2
     # Another batch size: each image keeps its own seed, so only float rounding can differ.
-    assert generate_class_images(family, other_batch, "a photo of dog", 4, 3, seed=3, resolution=32) == 4
+    assert generate(other_batch, 4, 3) == 4
     for name in (f"class_0000{i}.png" for i in range(4)):
         assert (whole / name).read_bytes() == (parts / name).read_bytes()
         a = np.asarray(Image.open(whole / name), dtype=int)
@@ -321,6 +349,10 @@ def test_unknown_flag_and_bad_values(sd15, instance_dir, tmp_path, run_cli):
     assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "o", "--resume_from_checkpoint",
                                               "checkpoint-7")), "checkpoint-7")
     assert_one_line_error(run_cli("train", "--instance_data_dir", instance_dir), "pretrained_model_name_or_path")
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "o", "--resolution", 36)),
+                          "multiple of 8")
+    assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "o", "--adam_beta2", 1.0)),
+                          "--adam_beta2")
 
 
 def test_a_lora_file_is_never_half_written(sd15, instance_dir, tmp_path, run_cli):
@@ -359,19 +391,28 @@ def test_gradient_checkpointing_changes_memory_not_results(sd15, instance_dir, t
 
 
 def test_two_processes_equal_one_process_with_twice_the_batch(sd15, instance_dir, tmp_path, run_cli):
-    """Under a distributed launcher (torchrun, as `accelerate launch` uses), ranks take interleaved samples
-    and gradients are averaged (DDP for the denoiser, an all-reduce for the text encoder)."""
-    single = trained_weights(run_cli, sd15, instance_dir, tmp_path / "single", "--train_batch_size", 2)
+    """Under a distributed launcher (torchrun, as `accelerate launch` uses), ranks take interleaved samples,
+    gradients are averaged (DDP for the denoiser, an all-reduce for the text encoder), class images are
+    generated by both ranks, and --overwrite is done once."""
+    prior = ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", 3,
+             "--sample_batch_size", 1]
+    single = trained_weights(run_cli, sd15, instance_dir, tmp_path / "single", "--train_batch_size", 2,
+                             *prior, "--class_data_dir", tmp_path / "class_single")
     out = tmp_path / "ddp"
+    assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 12, "--checkpointing_steps", 1)).code == 0
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "boothkit",
                *map(str, train_args(sd15, instance_dir, out, "--max_train_steps", 4, "--learning_rate", 1e-3,
-                                    "--train_text_encoder", "--train_batch_size", 1))]
+                                    "--train_text_encoder", "--train_batch_size", 1, "--overwrite", *prior,
+                                    "--class_data_dir", tmp_path / "class_ddp"))]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.count("LoRA:") == 1  # only the main process reports
     assert json.loads((out / "train_config.json").read_text())["resolved"]["num_processes"] == 2
+    assert not list(out.glob("checkpoint-*"))  # the earlier run's checkpoints were replaced, once
+    for name in ("class_00000.png", "class_00001.png", "class_00002.png"):
+        assert (tmp_path / "class_ddp" / name).read_bytes() == (tmp_path / "class_single" / name).read_bytes()
     assert_same_weights(single, load_file(out / "pytorch_lora_weights.safetensors"))
 
 

@@ -71,6 +71,7 @@ class ModelFamily(ABC):
     default_scheduler: ClassVar[str]
     default_inference_steps: ClassVar[int]
     default_guidance_scale: ClassVar[float]
+    resolution_multiple: ClassVar[int] = 8  # what the family's pipelines accept for height and width
 
     def __init__(self, pipeline: DiffusionPipeline, source: str):
         self.pipeline = pipeline

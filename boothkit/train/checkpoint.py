@@ -9,12 +9,14 @@ is needed: training draws are keyed by step (see `boothkit.seeding`).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from boothkit.errors import BoothkitError
@@ -58,6 +60,9 @@ def save_checkpoint(output_dir: str | Path, checkpoint: Checkpoint, total_limit:
             torch.save(checkpoint.grad_scaler, staging / "grad_scaler.pt")
         info = dict(checkpoint.info, step=checkpoint.step)
         (staging / "state.json").write_text(json.dumps(info, indent=2) + "\n")
+        for file in staging.iterdir():  # durable before the rename makes the checkpoint visible
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
     if total_limit is not None:
         for _, old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -77,7 +82,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             grad_scaler=torch.load(scaler_file, weights_only=True) if scaler_file.exists() else None,
             info=info,
         )
-    except (OSError, KeyError, ValueError, RuntimeError) as error:
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as error:
         raise BoothkitError(f"checkpoint '{path}' is unreadable: {str(error).splitlines()[0]}") from None
 
 

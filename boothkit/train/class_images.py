@@ -42,13 +42,12 @@ def class_image_name(index: int) -> str:
 
 
 @torch.no_grad()
-def generate_class_images(family: ModelFamily, folder: Path, prompt: str, wanted: int, batch_size: int,
+def generate_class_images(family: ModelFamily, folder: Path, prompt: str, indices: list[int], batch_size: int,
                           seed: int, resolution: int) -> int:
-    """Generate the missing class images with the (LoRA-free) base pipeline; returns how many were made."""
-    folder.mkdir(parents=True, exist_ok=True)
-    indices = missing_class_indices(folder, wanted)
+    """Generate class images `indices` (see `missing_class_indices`) with the LoRA-free base pipeline."""
     if not indices:
         return 0
+    folder.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(indices), desc="generating class images", unit="img")
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
@@ -56,6 +55,7 @@ def generate_class_images(family: ModelFamily, folder: Path, prompt: str, wanted
         images = family.pipeline(
             prompt=[prompt] * len(chunk), generator=generators, height=resolution, width=resolution,
             num_inference_steps=family.default_inference_steps, guidance_scale=family.default_guidance_scale,
+            **family.pipeline_kwargs(),
         ).images
         for index, image in zip(chunk, images):
             save_image_atomic(image, folder / class_image_name(index))

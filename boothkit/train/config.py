@@ -35,13 +35,13 @@ class TrainConfig(CommandConfig):
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     lr_scheduler: Literal[LR_SCHEDULERS] = Field("constant", description="Learning-rate schedule.")
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
-    adam_beta1: float = Field(0.9, description="AdamW beta1.")
-    adam_beta2: float = Field(0.999, description="AdamW beta2.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
     use_8bit_adam: bool = Field(False, description="bitsandbytes 8-bit AdamW (pip install 'boothkit[bnb]').")
-    seed: int = Field(0, ge=0, description="Seed: the same seed gives the same weights.")
+    seed: int = Field(0, ge=0, lt=2**63 - 2**20, description="Seed: the same seed gives the same weights.")
     # Images.
     resolution: int | None = Field(None, ge=8, description="Training resolution (default: the model's, 512 for SD 1.5).")
     center_crop: bool = Field(False, description="Center-crop instead of random-crop after resizing.")
@@ -49,7 +49,8 @@ class TrainConfig(CommandConfig):
     cache_latents: bool = Field(True, description="Encode images once (both flips) instead of every step.")
     # Speed and memory.
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the denoiser.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Mixed precision (fp16 needs a GPU).")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        None, description="Mixed precision (fp16 needs a GPU); default: accelerate's setting, else no.")
     train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder.")
     # Validation, checkpoints, weak checkpoint.
     validation_prompt: str | None = Field(None, description="Prompt for validation images.")
@@ -69,6 +70,8 @@ class TrainConfig(CommandConfig):
                 raise ValueError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
             if not self.class_data_dir:
                 raise ValueError("--with_prior_preservation needs --class_data_dir (generated images go there)")
+        if self.lr_scheduler == "polynomial" and self.learning_rate <= 1e-7:
+            raise ValueError("the polynomial schedule decays to 1e-7: use a larger --learning_rate")
         if self.weak_checkpoint_step is not None and self.weak_checkpoint_step >= self.max_train_steps:
             raise ValueError(
                 f"--weak_checkpoint_step ({self.weak_checkpoint_step}) must be below --max_train_steps "

@@ -40,9 +40,10 @@ def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tens
 
 
 def load_trainable_state(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
-    expected = trainable_state(modules).keys()
-    if set(expected) != set(state):
-        raise ValueError("checkpoint does not match this run's LoRA layout (different rank, targets or modules)")
+    expected = {name: tuple(value.shape) for name, value in trainable_state(modules).items()}
+    if expected != {name: tuple(value.shape) for name, value in state.items()}:
+        raise ValueError("the checkpoint's LoRA layout differs from this run's (--rank, --train_text_encoder "
+                         "or the model changed)")
     with torch.no_grad():
         for component, module in modules.items():
             for name, param in module.named_parameters():

@@ -21,13 +21,16 @@ VALIDATION_DIR = "validation"
 _LIBRARIES = ("boothkit", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 
 
-def check_output_dir(config: TrainConfig) -> Path:
-    """Refuse to write into a non-empty folder unless the user asked to overwrite or resume."""
+def check_output_dir(config: TrainConfig, resuming: bool) -> Path:
+    """Refuse to write into a non-empty folder unless the user asked to overwrite or there is a run to resume."""
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise BoothkitError(f"output_dir '{output_dir}' exists and is not a folder")
     occupied = output_dir.is_dir() and any(output_dir.iterdir())
-    if occupied and not (config.overwrite or config.resume_from_checkpoint):
+    if occupied and not (config.overwrite or resuming):
+        if config.resume_from_checkpoint:
+            raise BoothkitError(f"output_dir '{output_dir}' has no checkpoint to resume and is not empty; "
+                                "pass --overwrite to start a new run there")
         raise BoothkitError(
             f"output_dir '{output_dir}' is not empty; pass --overwrite to replace its outputs "
             "or --resume_from_checkpoint latest to continue the run"

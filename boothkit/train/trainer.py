@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -25,7 +26,7 @@ from boothkit.errors import BoothkitError
 from boothkit.families import ModelFamily, load_family
 from boothkit.families.base import Conditioning
 from boothkit.train import checkpoint as ckpt
-from boothkit.train.class_images import generate_class_images
+from boothkit.train.class_images import generate_class_images, missing_class_indices
 from boothkit.train.config import TrainConfig
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
 from boothkit.train.lora import attach_lora, load_trainable_state, save_lora, trainable_parameters, trainable_state
@@ -114,7 +115,8 @@ def _save_checkpoint(run: Run, step: int) -> None:
     state = ckpt.Checkpoint(
         step=step, trainable=trainable_state(run.trainable), optimizer=run.optimizer.state_dict(),
         lr_scheduler=run.lr_scheduler.state_dict(), grad_scaler=scaler.state_dict() if scaler else None,
-        info={"seed": run.config.seed, "max_train_steps": run.config.max_train_steps},
+        info={"seed": run.config.seed, "max_train_steps": run.config.max_train_steps, "rank": run.config.rank,
+              "optimizer": type(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer).__name__},
     )
     ckpt.save_checkpoint(run.output_dir, state, run.config.checkpoints_total_limit)
 
@@ -137,7 +139,8 @@ def _optimizer_step(run: Run, step_index: int) -> float:
     params = trainable_parameters(run.trainable)
     accelerator.clip_grad_norm_(params, config.max_grad_norm)
     run.optimizer.step()
-    run.lr_scheduler.step()
+    if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skips the update: keep the schedule
+        run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
@@ -183,15 +186,18 @@ def _average_text_encoder_gradients(run: Run) -> None:
 # Set-up ---------------------------------------------------------------------------------------------
 
 def _prepare(config: TrainConfig) -> Run:
-    output_dir = check_output_dir(config)
     accelerator = _accelerator(config)
-    resume_path = ckpt.resolve_resume(output_dir, config.resume_from_checkpoint)
+    resume_path = ckpt.resolve_resume(config.output_dir, config.resume_from_checkpoint)
+    output_dir = check_output_dir(config, resuming=resume_path is not None)
     resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
     instance_files = load_image_folder(config.instance_data_dir, "instance data folder")
-    weight_dtype = _DTYPES[config.mixed_precision]  # frozen weights; LoRA weights stay float32
+    weight_dtype = _DTYPES[accelerator.mixed_precision]  # frozen weights; LoRA weights stay float32
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype)
     family.pipeline.to(accelerator.device)
     resolution = config.resolution or family.default_resolution
+    if resolution % family.resolution_multiple:
+        raise BoothkitError(f"--resolution {resolution} must be a multiple of {family.resolution_multiple} for "
+                            f"{family.name} models")
     warn_small_images(instance_files, resolution)
     instance_images = [image for _, image in instance_files]
     class_images = _class_images(config, family, accelerator, resolution)
@@ -204,40 +210,61 @@ def _prepare(config: TrainConfig) -> Run:
     trainable = _attach_adapters(config, family, weight_dtype)
     optimizer, lr_scheduler = _optimizer(config, trainable)
     if resumed is not None:
-        _restore(resumed, trainable, optimizer, lr_scheduler, accelerator)
+        _restore(resumed, config, trainable, optimizer, lr_scheduler, accelerator)
         log.info("resuming from %s (step %d)", resume_path, resumed.step)
-    elif config.overwrite:
-        clear_previous_outputs(output_dir)
     denoiser, optimizer = accelerator.prepare(family.denoiser, optimizer)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        _tidy_output_dir(config, output_dir, resumed)
         write_train_config(output_dir, config, _resolved(config, family, resolution, accelerator))
+    accelerator.wait_for_everyone()
     dataset_length = max(len(instance), len(classes) if classes else 0)
     return Run(config, accelerator, family, output_dir, resolution, denoiser, trainable, optimizer, lr_scheduler,
                instance, classes, prompts, SampleOrder(dataset_length, config.seed),
                resumed.step if resumed else 0)
 
 
+def _tidy_output_dir(config: TrainConfig, output_dir: Path, resumed: ckpt.Checkpoint | None) -> None:
+    """Main process only: what an earlier run left that this run must not mix with its own outputs."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if resumed is None:
+        if config.resume_from_checkpoint:
+            log.info("no checkpoint to resume in '%s': starting a new run", output_dir)
+        if config.overwrite:
+            clear_previous_outputs(output_dir)
+        return
+    for step, path in ckpt.list_checkpoints(output_dir):
+        if step > resumed.step:  # the abandoned continuation of the run resumed from an older checkpoint
+            log.info("removing %s: it is newer than the checkpoint this run resumes from", path.name)
+            shutil.rmtree(path)
+
+
 def _accelerator(config: TrainConfig) -> Accelerator:
+    """The flag wins; without it, `accelerate launch --mixed_precision` / the accelerate config decide."""
     # The precision lives in a process-wide singleton: reset it so that each run in a process sets its own
     # (the distributed part, PartialState, is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
-    if config.mixed_precision == "fp16" and PartialState().device.type == "cpu":
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise BoothkitError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU")
-    return Accelerator(mixed_precision=config.mixed_precision)
+    return accelerator
 
 
 def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int) -> list:
+    """Generate the missing class images (split across processes), then use the first `num_class_images`."""
     if not config.with_prior_preservation:
         return []
     folder = Path(config.class_data_dir)
-    if accelerator.is_main_process:
-        made = generate_class_images(family, folder, config.class_prompt, config.num_class_images,
-                                     config.sample_batch_size, config.seed, resolution)
-        if made:
-            log.info("generated %d class images in %s", made, folder)
+    if folder.exists() and not folder.is_dir():
+        raise BoothkitError(f"class data folder '{folder}' is not a folder")
+    missing = missing_class_indices(folder, config.num_class_images)
+    mine = missing[accelerator.process_index::accelerator.num_processes]
+    generate_class_images(family, folder, config.class_prompt, mine, config.sample_batch_size, config.seed,
+                          resolution)
     accelerator.wait_for_everyone()
-    return [image for _, image in load_image_folder(folder, "class data folder")]
+    if missing and accelerator.is_main_process:
+        log.info("generated %d class images in %s", len(missing), folder)
+    files = load_image_folder(folder, "class data folder")
+    return [image for _, image in files[:config.num_class_images]]
 
 
 @torch.no_grad()
@@ -258,6 +285,7 @@ def _attach_adapters(config: TrainConfig, family: ModelFamily, weight_dtype: tor
             raise BoothkitError(f"--train_text_encoder is not supported for {family.name} models")
         trainable["text_encoder"] = family.text_encoder
     for index, (name, module) in enumerate(trainable.items()):
+        module.train()  # transformers' checkpointing layers only checkpoint in training mode (dropout is 0)
         targets = family.denoiser_lora_targets if name == family.denoiser_name else family.text_encoder_lora_targets
         attach_lora(module, targets, config.rank, config.resolved_lora_alpha, seeding.derived_seed(config.seed, "lora_init", index))
         if config.gradient_checkpointing:
@@ -293,13 +321,18 @@ def _optimizer(config: TrainConfig, trainable: dict) -> tuple[torch.optim.Optimi
     return optimizer, lr_scheduler
 
 
-def _restore(resumed: ckpt.Checkpoint, trainable: dict, optimizer, lr_scheduler, accelerator: Accelerator) -> None:
+def _restore(resumed: ckpt.Checkpoint, config: TrainConfig, trainable: dict, optimizer, lr_scheduler,
+             accelerator: Accelerator) -> None:
+    saved_optimizer = resumed.info.get("optimizer", type(optimizer).__name__)
+    if saved_optimizer != type(optimizer).__name__:
+        raise BoothkitError(f"cannot resume: the checkpoint was trained with {saved_optimizer}, this run uses "
+                            f"{type(optimizer).__name__} (keep --use_8bit_adam as it was)")
     try:
         load_trainable_state(trainable, resumed.trainable)
         optimizer.load_state_dict(resumed.optimizer)
-    except ValueError as error:
-        raise BoothkitError(f"cannot resume: {error}") from None
-    lr_scheduler.load_state_dict(resumed.lr_scheduler)
+        lr_scheduler.load_state_dict(resumed.lr_scheduler)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise BoothkitError(f"cannot resume: {str(error).splitlines()[0]}") from None
     if resumed.grad_scaler is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(resumed.grad_scaler)
 
@@ -307,6 +340,7 @@ def _restore(resumed: ckpt.Checkpoint, trainable: dict, optimizer, lr_scheduler,
 def _resolved(config: TrainConfig, family: ModelFamily, resolution: int, accelerator: Accelerator) -> dict:
     return {
         "family": family.name, "resolution": resolution, "lora_alpha": config.resolved_lora_alpha,
+        "mixed_precision": accelerator.mixed_precision,
         "weak_checkpoint_step": config.resolved_weak_step,
         "prediction_type": getattr(family, "prediction_type", None),
         "device": str(accelerator.device), "num_processes": accelerator.num_processes,
