@@ -36,22 +36,25 @@ class _Parser(argparse.ArgumentParser):
         raise BoothkitError(f"{self.prog}: {message}")
 
 
-def _add_train(subparsers) -> None:
-    from boothkit.config import add_schema_arguments
-    from boothkit.train.config import TrainConfig
+def _add_schema_command(subparsers, name: str, help_text: str, schema: type, run: Callable) -> None:
+    """A command whose flags come from a pydantic schema (plus `--config FILE` with the same keys)."""
+    from boothkit.config import add_schema_arguments, build_config
 
-    parser = subparsers.add_parser("train", help="Train a DreamBooth LoRA from a few photos.")
+    parser = subparsers.add_parser(name, help=help_text)
     parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags.")
-    add_schema_arguments(parser, TrainConfig)
-    parser.set_defaults(handler=_run_train)
+    add_schema_arguments(parser, schema)
+    parser.set_defaults(handler=lambda args: run(build_config(schema, args)))
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from boothkit.config import build_config
+def _add_train(subparsers) -> None:
     from boothkit.train.config import TrainConfig
+
+    _add_schema_command(subparsers, "train", "Train a DreamBooth LoRA from a few photos.", TrainConfig, _run_train)
+
+
+def _run_train(config) -> int:
     from boothkit.train.trainer import train
 
-    config = build_config(TrainConfig, args)
     result = train(config)
     if not result.is_main_process:
         return 0
@@ -63,20 +66,16 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_sample(subparsers) -> None:
-    from boothkit.config import add_schema_arguments
     from boothkit.sample import SampleConfig
 
-    parser = subparsers.add_parser("sample", help="Generate images with CFG, CFG + AutoGuidance or WIG.")
-    parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags.")
-    add_schema_arguments(parser, SampleConfig)
-    parser.set_defaults(handler=_run_sample)
+    _add_schema_command(subparsers, "sample", "Generate images with CFG, CFG + AutoGuidance or WIG.",
+                        SampleConfig, _run_sample)
 
 
-def _run_sample(args: argparse.Namespace) -> int:
-    from boothkit.config import build_config
-    from boothkit.sample import SampleConfig, run_sample
+def _run_sample(config) -> int:
+    from boothkit.sample import run_sample
 
-    paths = run_sample(build_config(SampleConfig, args))
+    paths = run_sample(config)
     print(f"{len(paths)} image(s) and samples.json in {paths[0].parent}")
     return 0
 

@@ -12,13 +12,12 @@ from pydantic import Field, model_validator
 
 from boothkit.config import CommandConfig
 from boothkit.errors import BoothkitError
-from boothkit.families import ModelFamily, load_family
+from boothkit.families import ModelFamily, load_family, weights_dtype
 from boothkit.guidance.rules import METHODS, make_guidance
 from boothkit.guidance.sampler import GeneratedImage, GuidedSampler, SamplerSettings, load_guidance_adapters
 from boothkit.guidance.schedulers import scheduler_class
-from boothkit.io import save_image_atomic, write_json_atomic
+from boothkit.io import guard_output_dir, save_image_atomic, write_json_atomic
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class SampleConfig(CommandConfig):
@@ -89,15 +88,6 @@ def image_name(index: int, prompt: str) -> str:
     return f"{index:04d}_{slug(prompt)}.png"
 
 
-def check_output_dir(path: str, overwrite: bool) -> Path:
-    output_dir = Path(path)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise BoothkitError(f"output_dir '{output_dir}' exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise BoothkitError(f"output_dir '{output_dir}' is not empty; pass --overwrite to write into it")
-    return output_dir
-
-
 def sampler_settings(family: ModelFamily, config: SampleConfig) -> SamplerSettings:
     resolution = family.default_resolution
     return SamplerSettings(
@@ -109,11 +99,9 @@ def sampler_settings(family: ModelFamily, config: SampleConfig) -> SamplerSettin
 
 def run_sample(config: SampleConfig) -> list[Path]:
     prompts = read_prompts(config)
-    output_dir = check_output_dir(config.output_dir, config.overwrite)
-    dtype = DTYPES[config.mixed_precision]
+    output_dir = guard_output_dir(config.output_dir, config.overwrite, "is not empty; pass --overwrite to write into it")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == torch.float16 and device.type == "cpu":
-        raise BoothkitError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU")
+    dtype = weights_dtype(config.mixed_precision, device)
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, dtype)
     guidance = make_guidance(config.method, config.guidance_scale or family.default_guidance_scale,
                              config.cfg_scale, config.omega)

@@ -16,7 +16,16 @@ FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily,)
 # Pipelines of the field that boothkit knows but does not support yet: a clearer message than "unsupported".
 PLANNED = {"StableDiffusionXLPipeline": "SDXL", "SanaPipeline": "SANA"}
 
-__all__ = ["Conditioning", "LatentDistribution", "ModelFamily", "FAMILIES", "load_family", "family_class_for"]
+__all__ = ["Conditioning", "LatentDistribution", "ModelFamily", "FAMILIES", "load_family", "family_class_for",
+           "weights_dtype"]
+_PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weights_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of frozen weights for `--mixed_precision`; fp16 kernels are GPU-only in practice."""
+    if precision == "fp16" and device.type == "cpu":
+        raise BoothkitError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU")
+    return _PRECISIONS[precision]
 
 
 def _looks_local(source: str) -> bool:

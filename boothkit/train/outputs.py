@@ -8,8 +8,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from boothkit.errors import BoothkitError
-from boothkit.io import write_json_atomic, write_text_atomic
+from boothkit.io import guard_output_dir, write_json_atomic, write_text_atomic
 from boothkit.train.checkpoint import list_checkpoints
 from boothkit.train.config import TrainConfig
 from boothkit.train.lora import LORA_WEIGHT_NAME
@@ -23,19 +22,12 @@ _LIBRARIES = ("boothkit", "torch", "diffusers", "transformers", "peft", "acceler
 
 def check_output_dir(config: TrainConfig, resuming: bool) -> Path:
     """Refuse to write into a non-empty folder unless the user asked to overwrite or there is a run to resume."""
-    output_dir = Path(config.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise BoothkitError(f"output_dir '{output_dir}' exists and is not a folder")
-    occupied = output_dir.is_dir() and any(output_dir.iterdir())
-    if occupied and not (config.overwrite or resuming):
-        if config.resume_from_checkpoint:
-            raise BoothkitError(f"output_dir '{output_dir}' has no checkpoint to resume and is not empty; "
-                                "pass --overwrite to start a new run there")
-        raise BoothkitError(
-            f"output_dir '{output_dir}' is not empty; pass --overwrite to replace its outputs "
-            "or --resume_from_checkpoint latest to continue the run"
-        )
-    return output_dir
+    if config.resume_from_checkpoint:
+        hint = "has no checkpoint to resume and is not empty; pass --overwrite to start a new run there"
+    else:
+        hint = ("is not empty; pass --overwrite to replace its outputs or --resume_from_checkpoint latest "
+                "to continue the run")
+    return guard_output_dir(config.output_dir, config.overwrite or resuming, hint)
 
 
 def clear_previous_outputs(output_dir: Path) -> None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from boothkit import seeding
 from boothkit.data.images import load_image_folder, warn_small_images
 from boothkit.errors import BoothkitError
-from boothkit.families import ModelFamily, load_family
+from boothkit.families import ModelFamily, load_family, weights_dtype
 from boothkit.families.base import Conditioning
 from boothkit.train import checkpoint as ckpt
 from boothkit.train.class_images import generate_class_images, missing_class_indices
@@ -35,7 +35,6 @@ from boothkit.train.outputs import (LOG_NAME, VALIDATION_DIR, WEAK_DIR, TrainLog
 from boothkit.train.validation import save_validation_images
 
 log = logging.getLogger(__name__)
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -191,7 +190,7 @@ def _prepare(config: TrainConfig) -> Run:
     output_dir = check_output_dir(config, resuming=resume_path is not None)
     resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
     instance_files = load_image_folder(config.instance_data_dir, "instance data folder")
-    weight_dtype = _DTYPES[accelerator.mixed_precision]  # frozen weights; LoRA weights stay float32
+    weight_dtype = weights_dtype(accelerator.mixed_precision, accelerator.device)  # LoRA weights stay float32
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype)
     family.pipeline.to(accelerator.device)
     resolution = config.resolution or family.default_resolution
@@ -243,10 +242,7 @@ def _accelerator(config: TrainConfig) -> Accelerator:
     # The precision lives in a process-wide singleton: reset it so that each run in a process sets its own
     # (the distributed part, PartialState, is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise BoothkitError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU")
-    return accelerator
+    return Accelerator(mixed_precision=config.mixed_precision)
 
 
 def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int) -> list:
