@@ -78,8 +78,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference_script", type=Path, help="diffusers examples/dreambooth/train_dreambooth_lora.py")
     parser.add_argument("--refshim", type=Path, default=Path(__file__).resolve().parents[2] / "shared/tools/refshim/run_ref.py")
-    parser.add_argument("--steps", type=int, nargs=2, default=(10, 40), metavar=("SHORT", "LONG"))
-    parser.add_argument("--repeats", type=int, default=1, help="Repeat each measurement and keep the best.")
+    parser.add_argument("--steps", type=int, nargs=2, default=(20, 120), metavar=("SHORT", "LONG"))
+    parser.add_argument("--repeats", type=int, default=2, help="Repeat each measurement and keep the best.")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="boothkit-bench-"))
     try:

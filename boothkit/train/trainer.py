@@ -57,6 +57,7 @@ class Run:
     resolution: int
     denoiser: torch.nn.Module  # as prepared by accelerate (DDP-wrapped on several GPUs)
     trainable: dict[str, torch.nn.Module]
+    parameters: list[torch.nn.Parameter]  # the trainable ones, listed once (walking the modules costs ms)
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     instance: LatentBank
@@ -135,8 +136,7 @@ def _optimizer_step(run: Run, step_index: int) -> float:
         accelerator.backward(loss / config.gradient_accumulation_steps)
         losses.append(loss.detach())
     _average_text_encoder_gradients(run)
-    params = trainable_parameters(run.trainable)
-    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+    accelerator.clip_grad_norm_(run.parameters, config.max_grad_norm)
     run.optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skips the update: keep the schedule
         run.lr_scheduler.step()
@@ -217,7 +217,8 @@ def _prepare(config: TrainConfig) -> Run:
         write_train_config(output_dir, config, _resolved(config, family, resolution, accelerator))
     accelerator.wait_for_everyone()
     dataset_length = max(len(instance), len(classes) if classes else 0)
-    return Run(config, accelerator, family, output_dir, resolution, denoiser, trainable, optimizer, lr_scheduler,
+    return Run(config, accelerator, family, output_dir, resolution, denoiser, trainable,
+               trainable_parameters(trainable), optimizer, lr_scheduler,
                instance, classes, prompts, SampleOrder(dataset_length, config.seed),
                resumed.step if resumed else 0)
 
@@ -301,16 +302,16 @@ def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
 
 
 def _optimizer(config: TrainConfig, trainable: dict) -> tuple[torch.optim.Optimizer, object]:
-    optimizer_class = torch.optim.AdamW
+    optimizer_class, options = torch.optim.AdamW, {"fused": True}  # one kernel for all tensors (CPU and CUDA)
     if config.use_8bit_adam:
         try:
             import bitsandbytes
         except ImportError:
             raise BoothkitError("--use_8bit_adam needs bitsandbytes: pip install 'boothkit[bnb]'") from None
-        optimizer_class = bitsandbytes.optim.AdamW8bit
+        optimizer_class, options = bitsandbytes.optim.AdamW8bit, {}
     optimizer = optimizer_class(
         trainable_parameters(trainable), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **options,
     )
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps)
