@@ -1,8 +1,8 @@
 """Training throughput and memory: boothkit vs the diffusers DreamBooth-LoRA example, same model, same run.
 
 The model is SD-1.5-shaped at reduced width (`boothkit.testing.tiny.build_sd_bench`, ~35 M UNet
-parameters); training at 128 px, batch 1, rank 4. Steady steps/s come from two run lengths
-(short and long), so start-up (imports, loading, caching) cancels out; peak RSS is the child's maxrss.
+parameters); training at 128 px, batch 1, rank 4. Steady steps/s come from two run lengths (20 and 120 steps),
+so start-up (imports, loading, caching) cancels out; peak RSS is the child's maxrss.
 
     python bench/train_speed.py [--reference_script PATH/TO/train_dreambooth_lora.py]
                                 [--refshim ../shared/tools/refshim/run_ref.py]
