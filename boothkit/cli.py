@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from boothkit.errors import BoothkitError
@@ -80,6 +82,38 @@ def _run_sample(config) -> int:
     return 0
 
 
+def _add_evaluate(subparsers) -> None:
+    from boothkit.evaluate.config import EvaluateConfig
+
+    _add_schema_command(subparsers, "evaluate", "Score subjects with DINO / CLIP-I / CLIP-T and tune guidance.",
+                        EvaluateConfig, _run_evaluate)
+
+
+def _run_evaluate(config) -> int:
+    from boothkit.evaluate.outputs import REPORT_NAME, SUMMARY_NAME, summary_csv
+    from boothkit.evaluate.search import run_evaluate
+
+    results = run_evaluate(config)
+    if results is not None:
+        print(summary_csv(config, results), end="")
+        print(f"summary: {Path(config.output_dir) / SUMMARY_NAME}; report: {Path(config.output_dir) / REPORT_NAME}")
+    return 0
+
+
+def _add_score(subparsers) -> None:
+    from boothkit.evaluate.score import ScoreConfig
+
+    _add_schema_command(subparsers, "score", "Score generated images against reference photos.",
+                        ScoreConfig, _run_score)
+
+
+def _run_score(config) -> int:
+    from boothkit.evaluate.score import run_score
+
+    print(json.dumps(run_score(config)))
+    return 0
+
+
 def _add_tiny(subparsers) -> None:
     from boothkit.testing.tiny import TINY_KINDS
 
@@ -97,7 +131,7 @@ def _run_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable, ...] = (_add_train, _add_sample, _add_tiny)
+COMMANDS: tuple[Callable, ...] = (_add_train, _add_sample, _add_evaluate, _add_score, _add_tiny)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,8 @@ def add_schema_arguments(parser: argparse.ArgumentParser, schema: type[CommandCo
             continue
         elif origin is Literal:
             kwargs["choices"] = list(typing.get_args(annotation))
+            if field.json_schema_extra and "bare" in field.json_schema_extra:
+                kwargs.update(nargs="?", const=field.json_schema_extra["bare"])  # `--flag` alone means this
         elif origin in (list, tuple):
             item_types = [t for t in typing.get_args(annotation) if t is not Ellipsis]
             kwargs["type"] = item_types[0] if item_types else str
