@@ -29,6 +29,7 @@ def _configure_logging() -> None:
     root.setLevel(logging.INFO)
     root.propagate = False
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,7 +1,8 @@
 """`make demo`: the whole job on the embedded sample subject with a tiny offline model.
 
 Builds a tiny random SD-1.5-shaped pipeline, trains a DreamBooth LoRA (with prior preservation and a
-weak checkpoint) on the 5 sample dog photos, samples it with CFG, CFG + AutoGuidance and WIG, and prints
+weak checkpoint) on the 5 sample dog photos, samples it with CFG, CFG + AutoGuidance and WIG, evaluates
+each method with tiny DINO / CLIP scorers (a short golden-section search on λ; ω swept for WIG), and prints
 where everything is. Takes about a minute on
 2 CPU cores. The images a tiny random model draws are noise-like: the demo shows the workflow and files.
 """
@@ -9,6 +10,7 @@ where everything is. Takes about a minute on
 from __future__ import annotations
 
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 from boothkit.cli import main as cli_main
@@ -46,6 +48,9 @@ def run_demo(root: Path = DEMO_DIR) -> int:
         ])
         if code != 0:
             return code
+    code = evaluate_demo(root, model)
+    if code != 0:
+        return code
     print("\ndemo finished:")
     print(f"  tiny base model:          {model}")
     print(f"  fine LoRA:                {lora_dir / 'pytorch_lora_weights.safetensors'}")
@@ -54,6 +59,28 @@ def run_demo(root: Path = DEMO_DIR) -> int:
     print(f"  validation images:        {lora_dir / 'validation'}")
     print(f"  class images:             {root / 'class_images' / subject}")
     print(f"  guided samples:           {', '.join(str(root / 'samples' / m) for m in SAMPLE_METHODS)}")
+    print(f"  evaluation reports:       {', '.join(str(root / 'evaluation' / m / 'report.html') for m in SAMPLE_METHODS)}")
+    return 0
+
+
+def evaluate_demo(root: Path, model: Path) -> int:
+    """Score the demo subject with each method; the search is short because the model is tiny and random."""
+    scorers = {kind: root / "models" / f"tiny-{kind}" for kind in ("dino", "clip")}
+    for kind, folder in scorers.items():
+        if not (folder / "config.json").is_file():
+            build_tiny(kind, folder, seed=0)
+    prompts = files("boothkit") / "assets" / "prompts_and_classes.txt"
+    for method in SAMPLE_METHODS:
+        search = ["--optimize", "both", "--omega_grid", "0.0", "0.5", "1.0"] if method == "wig" else ["--optimize"]
+        code = cli_main([
+            "evaluate", "--pretrained_model_path", str(model), "--lora_base_dir", str(root / "lora"),
+            "--instance_data_dir", str(sample_subject_dir().parent), "--evaluation_prompts_path", str(prompts),
+            "--output_dir", str(root / "evaluation" / method), "--method", method, "--max_prompts", "3",
+            "--num_inference_steps", "10", "--tolerance", "2", "--max_evaluations", "6", "--cfg_scale", "7.5",
+            "--dino_model", str(scorers["dino"]), "--clip_model", str(scorers["clip"]), *search,
+        ])
+        if code != 0:
+            return code
     return 0
 
 

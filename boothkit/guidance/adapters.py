@@ -10,6 +10,7 @@ are copied and no adapter is (un)loaded inside the sampling loop.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -45,7 +46,9 @@ def load_adapter(family: ModelFamily, path: str | Path, name: str, what: str) ->
     try:
         with safe_open(str(file), "pt") as handle:
             file_keys = list(handle.keys())
-        family.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        with warnings.catch_warnings():  # fine and weak adapters side by side are intended here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            family.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except BoothkitError:
         raise
     except Exception as error:  # shape or key mismatches surface as several exception types

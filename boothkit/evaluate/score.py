@@ -1,0 +1,29 @@
+"""`boothkit score`: DINO, CLIP-I and (with a prompt) CLIP-T of a folder of generated images against a
+folder of the subject's reference photos."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from boothkit.config import CommandConfig
+from boothkit.data.images import load_image_folder
+from boothkit.evaluate.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, SubjectMetrics
+
+
+class ScoreConfig(CommandConfig):
+    images: str = Field(description="Folder of generated images to score.")
+    references: str = Field(description="Folder of the subject's reference photos.")
+    prompt: str | None = Field(None, description="Prompt of the generated images; gives CLIP-T.")
+    identifier: str = Field("sks", pattern=r"^\S+$", description="Identifier word removed from the prompt for CLIP-T.")
+    keep_identifier: bool = Field(False, description="Score CLIP-T against the prompt as written, identifier kept.")
+    dino_model: str = Field(DEFAULT_DINO_MODEL, description="Hub id or local folder of the DINO ViT.")
+    clip_model: str = Field(DEFAULT_CLIP_MODEL, description="Hub id or local folder of the CLIP model.")
+
+
+def run_score(config: ScoreConfig) -> dict:
+    """{"DINO", "CLIP-I", "CLIP-T" (only with a prompt), "n_images", "n_references"}; folders are read first."""
+    generated = [image for _, image in load_image_folder(config.images, "generated image folder")]
+    references = [image for _, image in load_image_folder(config.references, "reference image folder")]
+    metrics = SubjectMetrics(config.dino_model, config.clip_model)
+    return metrics.score(generated, config.prompt, metrics.references(references),
+                         identifier=config.identifier, keep_identifier=config.keep_identifier)
