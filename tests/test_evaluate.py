@@ -139,3 +139,22 @@ def test_evaluate_errors(sd15, layout, scorers, run_cli):
     assert "dog2" in error_line(run_cli(*evaluate_args(sd15, layout, scorers)))
     layout["prompts"].write_text("{not json")
     assert "prompts" in error_line(run_cli(*evaluate_args(sd15, layout, scorers)))
+
+
+def test_subjects_are_split_across_processes(sd15, layout, scorers, tmp_path):
+    """Under a distributed launcher each process evaluates its share; the main process merges them."""
+    import os
+    import subprocess
+    import sys
+
+    shutil.copytree(layout["instance"] / "dog2", layout["instance"] / "dogcd")
+    shutil.copytree(layout["loras"] / "dog2", layout["loras"] / "dogcd")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29518", "-m", "boothkit",
+               *map(str, evaluate_args(sd15, layout, scorers, "--max_prompts", 1))]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.count("summary:") == 1  # only the main process reports
+    assert [row["subject"] for row in read_summary(layout["out"])] == ["dog2", "dogcd"]
+    assert sorted(p.name for p in (layout["out"] / "subjects").iterdir()) == ["dog2.json", "dogcd.json"]

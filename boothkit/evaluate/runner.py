@@ -150,7 +150,7 @@ class Evaluator:
         settings = SamplerSettings(
             num_inference_steps=config.num_inference_steps or family.default_inference_steps,
             height=config.height or resolution, width=config.width or resolution,
-            scheduler=config.scheduler or family.default_scheduler, batch_size=config.batch_size, progress=False)
+            scheduler=config.scheduler or family.default_scheduler, batch_size=config.batch_size)
         prompts = self.prompts_for(entry)
         generated = GuidedSampler(family, guidance, settings, self.adapters).generate(
             prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
 from boothkit.data.images import list_image_files
@@ -103,7 +104,8 @@ def run_evaluate(config: EvaluateConfig) -> list[SubjectResult] | None:
     """Evaluate every subject (this process's share); the main process returns all results."""
     from boothkit.evaluate.outputs import write_outputs  # matplotlib only where the report is written
 
-    state = PartialState()
+    # Honour `accelerate launch --cpu` (ACCELERATE_USE_CPU) as the Accelerator does; PartialState alone does not.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     evaluator = Evaluator(config, state.device)
     entries, skipped = discover_subjects(config.instance_data_dir, config.lora_base_dir,
                                          evaluator.prompts.subjects, config.subjects)
