@@ -10,38 +10,24 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from boothkit.config import CommandConfig
+from boothkit.config import ModelSourceOptions, SamplerOptions
 from boothkit.errors import BoothkitError
 from boothkit.families import ModelFamily, load_family, weights_dtype
 from boothkit.guidance.rules import METHODS, make_guidance
 from boothkit.guidance.sampler import GeneratedImage, GuidedSampler, SamplerSettings, load_guidance_adapters
-from boothkit.guidance.schedulers import scheduler_class
 from boothkit.io import guard_output_dir, save_image_atomic, write_json_atomic
 
 
 
-class SampleConfig(CommandConfig):
+class SampleConfig(ModelSourceOptions, SamplerOptions):
     pretrained_model_name_or_path: str = Field(description="Hub id or local folder of the base pipeline.")
-    revision: str | None = Field(None, description="Hub revision of the model.")
-    variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
     lora_dir: str | None = Field(None, description="Fine LoRA folder (its weak/ serves --method ag).")
     weak_checkpoint_path: str | None = Field(None, description="Weak LoRA folder or file (overrides LORA_DIR/weak).")
     method: Literal[METHODS] = Field("cfg", description="Guidance: cfg, ag (CFG + AutoGuidance), wig, none.")
     prompt: list[str] = Field(default_factory=list, description="Prompt (repeatable).",
                               json_schema_extra={"repeatable": True})
     prompts_file: str | None = Field(None, description="Text file with one prompt per line, or a JSON list.")
-    guidance_scale: float | None = Field(None, description="λ (default: the family's, 7.5 for SD).")
-    cfg_scale: float = Field(7.5, description="s, the CFG scale inside CFG + AG.")
     omega: float = Field(0.5, ge=0.0, le=1.0, description="ω of WIG: LoRA scale of the weak (null-prompt) branch.")
-    negative_prompt: str | None = Field(None, description="Replaces the empty prompt in every rule.")
-    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (default: 50 for SD).")
-    num_images_per_prompt: int = Field(1, ge=1, description="Images per prompt; image i uses seed + i.")
-    seed: int = Field(0, ge=0, description="Seed of image 0 of every prompt.")
-    height: int | None = Field(None, ge=8, description="Height (default: the model's resolution).")
-    width: int | None = Field(None, ge=8, description="Width (default: the model's resolution).")
-    scheduler: str | None = Field(None, description="ddim, dpm, euler, euler_a, unipc, ... or a diffusers class name.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Weights dtype (fp16 needs a GPU).")
-    batch_size: int = Field(4, ge=1, description="Images per denoising batch.")
     output_dir: str = Field(description="Where images and samples.json are written.")
     overwrite: bool = Field(False, description="Allow a non-empty output_dir.")
 
@@ -49,11 +35,6 @@ class SampleConfig(CommandConfig):
     def _check(self) -> "SampleConfig":
         if not self.prompt and not self.prompts_file:
             raise ValueError("give at least one --prompt or a --prompts_file")
-        if self.scheduler is not None:
-            try:
-                scheduler_class(self.scheduler)
-            except BoothkitError as error:
-                raise ValueError(str(error)) from None
         return self
 
 

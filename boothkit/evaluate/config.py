@@ -6,23 +6,21 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from boothkit.config import CommandConfig
+from boothkit.config import ModelSourceOptions, SamplerOptions
 
 DEFAULT_OMEGA_GRID = [round(0.1 * step, 1) for step in range(11)]
 
 
-class EvaluateConfig(CommandConfig):
+class EvaluateConfig(ModelSourceOptions, SamplerOptions):
+    """λ defaults to the family's when not optimized; the seeds are the same at every λ and ω."""
+
     pretrained_model_path: str = Field(description="Hub id or local folder of the base pipeline.")
-    revision: str | None = Field(None, description="Hub revision of the model.")
-    variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
     lora_base_dir: str = Field(description="One LoRA folder per subject (with weak/ for --method ag).")
     instance_data_dir: str = Field(description="One folder of reference photos per subject.")
     evaluation_prompts_path: str = Field(description="Prompts: the seed's JSON, a per-subject JSON, or "
                                                      "prompts_and_classes.txt.")
     output_dir: str = Field(description="Images, caches, evaluation_summary.csv, results.json, report.html.")
     method: Literal["cfg", "ag", "wig"] = Field("cfg", description="Guidance method.")
-    guidance_scale: float | None = Field(None, description="λ when not optimized (default: the family's).")
-    cfg_scale: float = Field(7.5, description="s, the CFG scale inside CFG + AG.")
     omega: float = Field(0.5, ge=0.0, le=1.0, description="ω of WIG when not optimized.")
     lambda_range: tuple[float, float] = Field((-10.0, 10.0), description="Search interval of λ.")
     optimize: Literal["none", "lambda", "omega", "both"] = Field(
@@ -32,21 +30,12 @@ class EvaluateConfig(CommandConfig):
     max_evaluations: int | None = Field(None, ge=2, description="At most this many evaluations per search.")
     omega_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_OMEGA_GRID),
                                     description="ω values swept by --optimize omega|both.")
-    num_images_per_prompt: int = Field(1, ge=1, description="Images per prompt (image i uses seed + i).")
-    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (default: the family's).")
-    seed: int = Field(0, ge=0, description="Seed of image 0 of every prompt; the same at every λ and ω.")
     subjects: list[str] | None = Field(None, description="Only these subject folders (or subject names).")
     max_prompts: int | None = Field(None, ge=1, description="Only the first N prompts of each subject.")
     identifier: str = Field("sks", description="The identifier token the LoRAs were trained with.")
     keep_identifier: bool = Field(False, description="Keep the identifier in the CLIP-T text.")
     dino_model: str = Field("facebook/dino-vits16", description="DINO ViT (hub id or path).")
     clip_model: str = Field("openai/clip-vit-base-patch32", description="CLIP model (hub id or path).")
-    negative_prompt: str | None = Field(None, description="Replaces the empty prompt in every rule.")
-    scheduler: str | None = Field(None, description="Sampler scheduler (default: the family's).")
-    height: int | None = Field(None, ge=8, description="Height (default: the model's resolution).")
-    width: int | None = Field(None, ge=8, description="Width (default: the model's resolution).")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Weights dtype (fp16 needs a GPU).")
-    batch_size: int = Field(4, ge=1, description="Images per denoising batch.")
 
     @model_validator(mode="after")
     def _check(self) -> "EvaluateConfig":

@@ -6,16 +6,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from boothkit.config import CommandConfig
+from boothkit.config import ModelSourceOptions
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-class TrainConfig(CommandConfig):
+class TrainConfig(ModelSourceOptions):
     # Model and data.
     pretrained_model_name_or_path: str = Field(description="Hub id or local folder of a diffusers pipeline.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
-    variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
     instance_data_dir: str = Field(description="Folder with the 3-6 photos of the subject.")
     instance_prompt: str = Field(description="Prompt with the identifier, e.g. 'a photo of sks dog'.")
     class_data_dir: str | None = Field(None, description="Folder of class images for prior preservation.")

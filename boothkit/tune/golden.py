@@ -53,6 +53,20 @@ def _rank(value: float) -> float:
     return -math.inf if math.isnan(value) else value
 
 
+def _check_arguments(lo: float, hi: float, tol: float, max_evals) -> None:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"golden_section_search needs finite bounds, got lo={lo}, hi={hi}")
+    if not lo < hi:
+        raise ValueError(f"golden_section_search needs lo < hi, got lo={lo}, hi={hi}")
+    if not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"golden_section_search needs a finite tol > 0, got {tol}")
+    if max_evals is not None:
+        if isinstance(max_evals, bool) or not isinstance(max_evals, int):
+            raise ValueError(f"max_evals must be an integer or None, got {max_evals!r}")
+        if max_evals < 2:
+            raise ValueError(f"max_evals must be at least 2, got {max_evals}")
+
+
 def golden_section_search(
     f: Callable[[float], float],
     lo: float,
@@ -89,18 +103,7 @@ def golden_section_search(
         ValueError: lo ≥ hi, a non-finite bound, tol ≤ 0, or max_evals < 2.
     """
     lo, hi, tol = float(lo), float(hi), float(tol)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"golden_section_search needs finite bounds, got lo={lo}, hi={hi}")
-    if not lo < hi:
-        raise ValueError(f"golden_section_search needs lo < hi, got lo={lo}, hi={hi}")
-    if not (tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"golden_section_search needs a finite tol > 0, got {tol}")
-    if max_evals is not None:
-        if isinstance(max_evals, bool) or not isinstance(max_evals, int):
-            raise ValueError(f"max_evals must be an integer or None, got {max_evals!r}")
-        if max_evals < 2:
-            raise ValueError(f"max_evals must be at least 2, got {max_evals}")
-
+    _check_arguments(lo, hi, tol, max_evals)
     history: list[tuple[float, float]] = []
 
     def evaluate(x: float) -> float:
