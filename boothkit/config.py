@@ -142,6 +142,9 @@ class SamplerOptions(CommandConfig):
     scheduler: str | None = Field(None, description="ddim, dpm, euler, euler_a, unipc, ... or a diffusers class name.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Weights dtype (fp16 needs a GPU).")
     batch_size: int = Field(4, ge=1, description="Images per denoising batch.")
+    max_sequence_length: int = Field(300, ge=1, description="SANA: prompt tokens (as in training).")
+    complex_human_instruction: bool = Field(True, description="SANA: prepend the pipeline's complex human "
+                                                              "instruction to prompts (as in training).")
 
     @field_validator("scheduler")
     @classmethod

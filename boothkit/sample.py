@@ -84,6 +84,7 @@ def run_sample(config: SampleConfig) -> list[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = weights_dtype(config.mixed_precision, device)
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, dtype)
+    family.configure_text(config.max_sequence_length, config.complex_human_instruction)
     guidance = make_guidance(config.method, config.guidance_scale or family.default_guidance_scale,
                              config.cfg_scale, config.omega)
     adapters = load_guidance_adapters(family, config.lora_dir, config.weak_checkpoint_path, guidance)

@@ -72,6 +72,7 @@ class Evaluator:
         dtype = weights_dtype(self.config.mixed_precision, self.device)
         family = load_family(self.config.pretrained_model_path, self.config.revision, self.config.variant, dtype)
         family.pipeline.to(self.device)
+        family.configure_text(self.config.max_sequence_length, self.config.complex_human_instruction)
         return family
 
     @cached_property
@@ -119,6 +120,7 @@ class Evaluator:
             "size": (config.height, config.width), "negative": config.negative_prompt,
             "precision": config.mixed_precision, "dino": config.dino_model, "clip": config.clip_model,
             "identifier": config.identifier, "keep_identifier": config.keep_identifier,
+            "text": (config.max_sequence_length, config.complex_human_instruction),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 

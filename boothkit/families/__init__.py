@@ -10,11 +10,12 @@ from diffusers import DiffusionPipeline
 
 from boothkit.errors import BoothkitError
 from boothkit.families.base import Conditioning, LatentDistribution, ModelFamily
+from boothkit.families.sana import SanaFamily
 from boothkit.families.sd import StableDiffusionFamily
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily,)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily, SanaFamily)
 # Pipelines of the field that boothkit knows but does not support yet: a clearer message than "unsupported".
-PLANNED = {"StableDiffusionXLPipeline": "SDXL", "SanaPipeline": "SANA"}
+PLANNED = {"StableDiffusionXLPipeline": "SDXL"}
 
 __all__ = ["Conditioning", "LatentDistribution", "ModelFamily", "FAMILIES", "load_family", "family_class_for",
            "weights_dtype"]

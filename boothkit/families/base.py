@@ -128,6 +128,15 @@ class ModelFamily(ABC):
         """Embed prompts exactly as the family's diffusers pipeline does for its positive prompt
         (`negative=True`: as it does for the negative / empty prompt, where the two differ)."""
 
+    default_gpu_precision: ClassVar[str | None] = None  # mixed precision when none is asked for, on a GPU
+
+    def configure_text(self, max_sequence_length: int, complex_human_instruction: bool) -> None:
+        """Prompt-encoding options of families that have them (SANA); others ignore them."""
+
+    def configure_training(self, weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float
+                           ) -> None:
+        """Timestep-density options of flow-matching families; others ignore them."""
+
     def pipeline_kwargs(self) -> dict:
         """Extra arguments for calls of the family's diffusers pipeline (class images, validation)."""
         return {}

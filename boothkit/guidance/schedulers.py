@@ -19,6 +19,7 @@ SCHEDULERS: dict[str, str] = {
     "unipc": "UniPCMultistepScheduler",
     "deis": "DEISMultistepScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "flow_dpm": "DPMSolverMultistepScheduler",  # FlowDPM-Solver: DPM-Solver++ on flow sigmas (SANA)
 }
 
 
@@ -33,4 +34,7 @@ def scheduler_class(name: str) -> type:
 
 def make_scheduler(name: str, model_scheduler_config: dict, **overrides):
     """A fresh scheduler of `name` configured from the model's own scheduler config (betas, prediction type)."""
+    if name.lower() == "flow_dpm":
+        shift = model_scheduler_config.get("flow_shift") or model_scheduler_config.get("shift") or 1.0
+        overrides = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift, **overrides}
     return scheduler_class(name).from_config(model_scheduler_config, **overrides)

@@ -50,6 +50,16 @@ class TrainConfig(ModelSourceOptions):
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
         None, description="Mixed precision (fp16 needs a GPU); default: accelerate's setting, else no.")
     train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder.")
+    # Flow-matching families (SANA).
+    weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = Field(
+        "none", description="SANA: timestep density / loss weighting (SD3).")
+    logit_mean: float = Field(0.0, description="SANA: mean of the logit-normal density.")
+    logit_std: float = Field(1.0, gt=0, description="SANA: std of the logit-normal density.")
+    mode_scale: float = Field(1.29, description="SANA: scale of the mode density.")
+    lora_layers: str | None = Field(None, description="Comma-separated LoRA target modules (default: the family's).")
+    max_sequence_length: int = Field(300, ge=1, description="SANA: prompt tokens.")
+    complex_human_instruction: bool = Field(True, description="SANA: prepend the pipeline's complex human "
+                                                              "instruction to prompts (as SanaPipeline does).")
     # Validation, checkpoints, weak checkpoint.
     validation_prompt: str | None = Field(None, description="Prompt for validation images.")
     num_validation_images: int = Field(4, ge=1, description="Validation images per validation.")

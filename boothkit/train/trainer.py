@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from boothkit import seeding
 from boothkit.data.images import load_image_folder, warn_small_images
 from boothkit.errors import BoothkitError
-from boothkit.families import ModelFamily, load_family, weights_dtype
+from boothkit.families import ModelFamily, family_class_for, load_family, read_model_index, weights_dtype
 from boothkit.families.base import Conditioning
 from boothkit.train import checkpoint as ckpt
 from boothkit.train.class_images import generate_class_images, missing_class_indices
@@ -193,6 +194,8 @@ def _prepare(config: TrainConfig) -> Run:
     weight_dtype = weights_dtype(accelerator.mixed_precision, accelerator.device)  # LoRA weights stay float32
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype)
     family.pipeline.to(accelerator.device)
+    family.configure_text(config.max_sequence_length, config.complex_human_instruction)
+    family.configure_training(config.weighting_scheme, config.logit_mean, config.logit_std, config.mode_scale)
     resolution = config.resolution or family.default_resolution
     if resolution % family.resolution_multiple:
         raise BoothkitError(f"--resolution {resolution} must be a multiple of {family.resolution_multiple} for "
@@ -243,7 +246,12 @@ def _accelerator(config: TrainConfig) -> Accelerator:
     # The precision lives in a process-wide singleton: reset it so that each run in a process sets its own
     # (the distributed part, PartialState, is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=config.mixed_precision)
+    precision = config.mixed_precision
+    if precision is None and not os.environ.get("ACCELERATE_MIXED_PRECISION") and torch.cuda.is_available():
+        family = family_class_for(read_model_index(config.pretrained_model_name_or_path, config.revision),
+                                  config.pretrained_model_name_or_path)
+        precision = family.default_gpu_precision  # SANA: bf16 (fp16 gives NaNs)
+    return Accelerator(mixed_precision=precision)
 
 
 def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int) -> list:
@@ -283,13 +291,24 @@ def _attach_adapters(config: TrainConfig, family: ModelFamily, weight_dtype: tor
         trainable["text_encoder"] = family.text_encoder
     for index, (name, module) in enumerate(trainable.items()):
         module.train()  # transformers' checkpointing layers only checkpoint in training mode (dropout is 0)
-        targets = family.denoiser_lora_targets if name == family.denoiser_name else family.text_encoder_lora_targets
+        targets = _denoiser_targets(config, family) if name == family.denoiser_name else family.text_encoder_lora_targets
         attach_lora(module, targets, config.rank, config.resolved_lora_alpha, seeding.derived_seed(config.seed, "lora_init", index))
         if config.gradient_checkpointing:
             _enable_gradient_checkpointing(module)
     if weight_dtype != torch.float32:
         cast_training_params(list(trainable.values()), dtype=torch.float32)  # LoRA weights train in fp32
     return trainable
+
+
+def _denoiser_targets(config: TrainConfig, family: ModelFamily) -> tuple[str, ...]:
+    if not config.lora_layers:
+        return family.denoiser_lora_targets
+    targets = tuple(name.strip() for name in config.lora_layers.split(",") if name.strip())
+    names = {name for name, _ in family.denoiser.named_modules()}
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown or not targets:
+        raise BoothkitError(f"--lora_layers: no module of the {family.denoiser_name} is named {', '.join(unknown)}")
+    return targets
 
 
 def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:

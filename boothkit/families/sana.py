@@ -1,0 +1,100 @@
+"""SANA (Xie et al. 2024): linear-attention DiT on DC-AE latents, Gemma-2 text encoder, flow matching.
+
+Training follows rectified flow (Esser et al. 2024, "SD3"): x_t = (1−σ)·x0 + σ·ε, target ε − x0, σ drawn by
+`--weighting_scheme` (logit-normal, mode, cosmap, sigma_sqrt or uniform) with the SD3 loss weighting.
+
+The complex human instruction (CHI): `SanaPipeline` prepends it to positive prompts by default, the
+diffusers training script does not. boothkit turns it ON by default in training *and* sampling, so a LoRA
+is trained on the very embeddings the standard pipeline feeds it; `--no_complex_human_instruction` turns
+it off in both (use the same setting for a LoRA's training and its sampling).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+from boothkit.families.base import Conditioning, ModelFamily
+
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+DEFAULT_CHI: list[str] = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+
+
+class SanaFamily(ModelFamily):
+    name = "sana"
+    pipeline_class_names = ("SanaPipeline",)
+    denoiser_name = "transformer"
+    denoiser_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    default_scheduler = "flow_dpm"
+    default_inference_steps = 20
+    default_guidance_scale = 4.5
+    resolution_multiple = 32  # SanaPipeline.check_inputs
+    default_gpu_precision = "bf16"  # fp16 is known to give NaNs with SANA
+
+    def __init__(self, pipeline, source: str):
+        super().__init__(pipeline, source)
+        self.max_sequence_length = 300
+        self.complex_human_instruction: list[str] | None = list(DEFAULT_CHI)
+        self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale = "none", 0.0, 1.0, 1.29
+        # Training's forward process: rectified-flow sigmas of the model's schedule.
+        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+
+    def configure_text(self, max_sequence_length: int, complex_human_instruction: bool) -> None:
+        self.max_sequence_length = max_sequence_length
+        self.complex_human_instruction = list(DEFAULT_CHI) if complex_human_instruction else None
+
+    def configure_training(self, weighting_scheme, logit_mean, logit_std, mode_scale) -> None:
+        self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale = (
+            weighting_scheme, logit_mean, logit_std, mode_scale)
+
+    def pipeline_kwargs(self) -> dict:
+        # Resolution binning snaps sizes to SANA's aspect-ratio table, which tiny test sizes are not in.
+        return {"use_resolution_binning": False, "max_sequence_length": self.max_sequence_length,
+                "complex_human_instruction": self.complex_human_instruction}
+
+    def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:
+        """As `SanaPipeline.encode_prompt`: CHI (when on) for positive prompts only, never for the negative."""
+        embeds, mask, _, _ = self.pipeline.encode_prompt(
+            list(prompts), do_classifier_free_guidance=False, device=device,
+            max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=None if negative else self.complex_human_instruction,
+        )
+        return Conditioning({"encoder_hidden_states": embeds, "encoder_attention_mask": mask})
+
+    def predict(self, latents, timesteps, conditioning, denoiser=None):
+        denoiser = denoiser if denoiser is not None else self.denoiser
+        config = self.denoiser.config
+        timesteps = torch.as_tensor(timesteps, device=latents.device).expand(latents.shape[0])
+        output = denoiser(
+            latents.to(self.denoiser.dtype),
+            encoder_hidden_states=conditioning.tensors["encoder_hidden_states"].to(self.denoiser.dtype),
+            encoder_attention_mask=conditioning.tensors["encoder_attention_mask"],
+            timestep=timesteps * config.timestep_scale, return_dict=False,
+        )[0].float()
+        if config.out_channels // 2 == latents.shape[1]:  # learned sigma: keep the flow
+            output = output.chunk(2, dim=1)[0]
+        return output
+
+    def _density_sample(self, generator: torch.Generator) -> float:
+        """u ∈ [0, 1) from the scheme's timestep density (SD3, Esser et al. 2024, Sec. 3.1)."""
+        if self.weighting_scheme == "logit_normal":
+            normal = torch.randn(1, generator=generator).item() * self.logit_std + self.logit_mean
+            return 1.0 / (1.0 + math.exp(-normal))
+        u = torch.rand(1, generator=generator).item()
+        if self.weighting_scheme == "mode":
+            return 1.0 - u - self.mode_scale * (math.cos(math.pi * u / 2) ** 2 - 1.0 + u)
+        return u
+
+    def training_sample(self, latents, noise, generators):
+        scheduler = self.noise_scheduler
+        steps = scheduler.config.num_train_timesteps
+        indices = torch.tensor([min(int(self._density_sample(g) * steps), steps - 1) for g in generators])
+        timesteps = scheduler.timesteps[indices].to(latents.device)
+        sigmas = scheduler.sigmas[indices].to(device=latents.device, dtype=latents.dtype).view(-1, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        weights = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas).flatten()
+        return noisy, timesteps, noise - latents, weights
