@@ -1,11 +1,12 @@
 """Cost of guidance: seconds per image for CFG, CFG + AG and WIG, batched vs branch by branch.
 
-Model: the SD-1.5-shaped bench model of reduced width (`build_sd_bench`, ~35 M UNet parameters) with
-random rank-4 fine and weak LoRAs (text encoder included). Each configuration samples the same images
+Model (`--family`): the SD-1.5-shaped bench model of reduced width (`build_sd_bench`, ~35 M UNet
+parameters; DDIM) or the SANA-shaped one (`build_sana_bench`; FlowDPM-Solver), with random rank-4 fine and
+weak LoRAs (on the text encoder too where the family trains one). Each configuration samples the same images
 (same seeds); each timed run follows an untimed run of the same configuration, the order rotates every
 round, and each configuration keeps its best of `--repeats`.
 
-    python bench/guidance_cost.py [--resolution 256] [--steps 10] [--images 2] [--repeats 3]
+    python bench/guidance_cost.py [--family sd|sana] [--resolution 256] [--steps 10] [--images 2] [--repeats 3]
 
 Targets: WIG ≤ 1.05× CFG; CFG + AG ≤ 2.1× CFG; batched ≤ branch by branch for every method.
 """
@@ -22,7 +23,7 @@ import torch
 from boothkit.families import load_family
 from boothkit.guidance.rules import make_guidance
 from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
-from boothkit.testing.tiny import build_sd_bench
+from boothkit.testing.tiny import build_sana_bench, build_sd_bench
 from boothkit.train.lora import attach_lora, save_lora
 
 METHODS = {"cfg": {"guidance_scale": 7.5}, "ag": {"guidance_scale": 2.0, "cfg_scale": 7.5},
@@ -34,9 +35,11 @@ def write_random_loras(model: Path, root: Path) -> Path:
     """Fine LoRA in root/ and weak LoRA in root/weak/, with random (non-zero) B so they change outputs."""
     for seed, folder in ((1, root), (2, root / "weak")):
         family = load_family(str(model))
-        modules = {"unet": family.denoiser, "text_encoder": family.text_encoder}
+        modules = {family.denoiser_name: family.denoiser}
+        if family.text_encoder_lora_targets:
+            modules["text_encoder"] = family.text_encoder
         for index, (name, module) in enumerate(modules.items()):
-            targets = family.denoiser_lora_targets if name == "unet" else family.text_encoder_lora_targets
+            targets = family.denoiser_lora_targets if name == family.denoiser_name else family.text_encoder_lora_targets
             attach_lora(module, targets, rank=4, alpha=4, seed=seed * 10 + index)
             with torch.no_grad():
                 for param_name, param in module.named_parameters():
@@ -50,7 +53,7 @@ def build_sampler(model: Path, lora: Path, method: str, batched: bool, args) -> 
     family = load_family(str(model))
     guidance = make_guidance(method, **METHODS[method])
     adapters = load_guidance_adapters(family, str(lora), None, guidance)
-    settings = SamplerSettings(args.steps, args.resolution, args.resolution, "ddim", batch_size=args.images,
+    settings = SamplerSettings(args.steps, args.resolution, args.resolution, family.default_scheduler, batch_size=args.images,
                                batched_branches=batched, progress=False)
     return GuidedSampler(family, guidance, settings, adapters)
 
@@ -72,6 +75,7 @@ def seconds_per_image(samplers: dict, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=("sd", "sana"), default="sd")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=2, help="images per batch (one prompt)")
@@ -79,11 +83,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory(prefix="boothkit-guidance-bench-") as work:
-        model = build_sd_bench(Path(work) / "model")
+        model = {"sd": build_sd_bench, "sana": build_sana_bench}[args.family](Path(work) / "model")
         lora = write_random_loras(model, Path(work) / "lora")
         samplers = {(m, b): build_sampler(model, lora, m, b, args) for m in METHODS for b in (True, False)}
         table = seconds_per_image(samplers, args)
-    print(f"{args.resolution}px, {args.steps} DDIM steps, {args.images} images per batch, best of {args.repeats}")
+    print(f"{args.family}, {args.resolution}px, {args.steps} steps, {args.images} images per batch, best of {args.repeats}")
     print(f"{'method':<8} {'batched s/img':>14} {'branch-by-branch s/img':>23} {'batched/branch':>15} {'vs CFG':>7}")
     cfg = table[("cfg", True)]
     for method in METHODS:

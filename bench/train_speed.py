@@ -1,11 +1,12 @@
-"""Training throughput and memory: boothkit vs the diffusers DreamBooth-LoRA example, same model, same run.
+"""Training throughput and memory: boothkit vs the diffusers DreamBooth-LoRA examples, same model, same run.
 
-The model is SD-1.5-shaped at reduced width (`boothkit.testing.tiny.build_sd_bench`, ~35 M UNet
-parameters); training at 128 px, batch 1, rank 4. Steady steps/s come from two run lengths (20 and 120 steps),
+`--family sd`: an SD-1.5-shaped model of reduced width (`build_sd_bench`, ~35 M UNet parameters) against
+`train_dreambooth_lora.py`; `--family sana`: a SANA-shaped model of reduced width (`build_sana_bench`, f8
+DC-AE, 8.9 M-parameter DiT) against `train_dreambooth_lora_sana.py`. Training at 128 px, batch 1, rank 4. Steady steps/s come from two run lengths (20 and 120 steps),
 so start-up (imports, loading, caching) cancels out; peak RSS is the child's maxrss.
 
-    python bench/train_speed.py [--reference_script PATH/TO/train_dreambooth_lora.py]
-                                [--refshim ../shared/tools/refshim/run_ref.py]
+    python bench/train_speed.py [--family sd|sana] [--reference_script PATH/TO/train_dreambooth_lora[_sana].py]
+                                [--refshim ../shared/tools/refshim/run_ref.py] [--resolution 128]
 
 The reference script is fetched by the user (it is never part of boothkit) and run unmodified
 through refshim. Without it only boothkit is measured. Prints a table and the ratios.
@@ -23,10 +24,13 @@ import time
 from pathlib import Path
 
 from boothkit.data.images import sample_subject_dir
-from boothkit.testing.tiny import build_sd_bench
+from boothkit.testing.tiny import build_sana_bench, build_sd_bench
 
-COMMON = ["--instance_prompt", "a photo of sks dog", "--resolution", "128", "--train_batch_size", "1",
-          "--rank", "4", "--learning_rate", "1e-4", "--seed", "0"]
+COMMON = ["--instance_prompt", "a photo of sks dog", "--train_batch_size", "1", "--rank", "4",
+          "--learning_rate", "1e-4", "--seed", "0"]
+BUILDERS = {"sd": build_sd_bench, "sana": build_sana_bench}
+# Same LoRA targets for both trainers (the diffusers SANA script defaults to q/k/v, boothkit adds to_out.0).
+FAMILY_FLAGS = {"sd": [], "sana": ["--lora_layers", "to_k,to_q,to_v"]}
 
 
 def timed_run(command: list[str]) -> tuple[float, float]:
@@ -58,41 +62,41 @@ def measure(name: str, make_command, steps: tuple[int, int], work: Path) -> dict
             "wall_long_s": times[long]}
 
 
-def boothkit_command(model: Path, images: Path):
+def trainer_command(prefix: list[str], model: Path, images: Path, resolution: int, extra: list[str]):
+    """The same flags for both trainers (they share the diffusers names)."""
     def command(steps: int, out: Path) -> list[str]:
-        return [sys.executable, "-m", "boothkit", "train", "--pretrained_model_name_or_path", str(model),
-                "--instance_data_dir", str(images), "--output_dir", str(out), "--max_train_steps", str(steps),
-                "--checkpointing_steps", "100000", *COMMON]
-    return command
-
-
-def reference_command(model: Path, images: Path, script: Path, refshim: Path):
-    def command(steps: int, out: Path) -> list[str]:
-        return [sys.executable, str(refshim), str(script), "--pretrained_model_name_or_path", str(model),
-                "--instance_data_dir", str(images), "--output_dir", str(out), "--max_train_steps", str(steps),
-                "--checkpointing_steps", "100000", *COMMON]
+        return [*prefix, "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images),
+                "--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", "100000",
+                "--resolution", str(resolution), *COMMON, *extra]
     return command
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference_script", type=Path, help="diffusers examples/dreambooth/train_dreambooth_lora.py")
+    parser.add_argument("--family", choices=sorted(BUILDERS), default="sd")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--reference_script", type=Path,
+                        help="diffusers examples/dreambooth/train_dreambooth_lora.py (sd) or ..._sana.py (sana)")
     parser.add_argument("--refshim", type=Path, default=Path(__file__).resolve().parents[2] / "shared/tools/refshim/run_ref.py")
     parser.add_argument("--steps", type=int, nargs=2, default=(20, 120), metavar=("SHORT", "LONG"))
     parser.add_argument("--repeats", type=int, default=2, help="Repeat each measurement and keep the best.")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="boothkit-bench-"))
     try:
-        model = build_sd_bench(work / "model")
+        model = BUILDERS[args.family](work / "model")
         images = work / "images"
         shutil.copytree(sample_subject_dir(), images)
-        runs = [("boothkit", boothkit_command(model, images))]
+        extra = FAMILY_FLAGS[args.family]
+        runs = [("boothkit", trainer_command([sys.executable, "-m", "boothkit", "train"], model, images,
+                                             args.resolution, extra))]
         if args.reference_script:
-            runs.append(("diffusers", reference_command(model, images, args.reference_script, args.refshim)))
+            prefix = [sys.executable, str(args.refshim), str(args.reference_script)]
+            runs.append(("diffusers", trainer_command(prefix, model, images, args.resolution, extra)))
         results = {}
         for name, command in runs:
             best = [measure(name, command, tuple(args.steps), work) for _ in range(args.repeats)]
             results[name] = max(best, key=lambda r: r["steps_per_s"])
+        print(f"family {args.family}, {args.resolution} px, batch 1, rank 4")
         report(results)
     finally:
         shutil.rmtree(work, ignore_errors=True)

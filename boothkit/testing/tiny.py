@@ -69,6 +69,11 @@ def build_sd_bench(out_dir: str | Path, seed: int = 0) -> Path:
     return _write(functools.partial(_build_sd, bench=True), out_dir, seed, "sd_bench")
 
 
+def build_sana_bench(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a SANA-shaped pipeline of reduced width (f8 DC-AE, 32 latent channels, 8-layer DiT) for benchmarks."""
+    return _write(functools.partial(_build_sana, bench=True), out_dir, seed, "sana_bench")
+
+
 def _write(builder: Callable[[Path, int], None], out_dir: str | Path, seed: int, kind: str) -> Path:
     out = Path(out_dir)
     target = out.resolve()
@@ -263,59 +268,51 @@ def _build_sdxl(out: Path, seed: int) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
 
 
-def _build_sana(out: Path, seed: int) -> None:
-    """SANA-shaped `SanaPipeline`: Gemma-2 text encoder, DC-AE (scale factor 2 here), linear-attention DiT."""
+# Widths of the tiny SANA (tests) and of the reduced-width, SANA-shaped bench model (f8 DC-AE, 32 latent
+# channels like SANA's, an 8-layer DiT of width 256: 8.9 M parameters).
+_SANA_SIZES = {
+    False: {"text": 16, "text_layers": 2, "text_ff": 32, "text_heads": 2, "text_head_dim": 8, "latent": 4,
+            "vae": (16, 32), "heads": 2, "head_dim": 8, "layers": 2, "sample": 16},
+    True: {"text": 256, "text_layers": 2, "text_ff": 1024, "text_heads": 4, "text_head_dim": 64, "latent": 32,
+           "vae": (32, 64, 128, 128), "heads": 8, "head_dim": 32, "layers": 8, "sample": 16},
+}
+
+
+def _build_sana(out: Path, seed: int, bench: bool = False) -> None:
+    """SANA-shaped `SanaPipeline`: Gemma-2 text encoder, DC-AE, linear-attention DiT (sizes: `_SANA_SIZES`)."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
+    size = _SANA_SIZES[bench]
     tokenizer = _gemma_tokenizer()
-    text_hidden = 16
     with _seeded(seed, 0):
-        text_encoder = Gemma2Model(
-            Gemma2Config(
-                vocab_size=len(tokenizer),
-                hidden_size=text_hidden,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                head_dim=8,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-            )
-        )
+        text_encoder = Gemma2Model(Gemma2Config(
+            vocab_size=len(tokenizer), hidden_size=size["text"], intermediate_size=size["text_ff"],
+            num_hidden_layers=size["text_layers"], num_attention_heads=size["text_heads"], num_key_value_heads=1,
+            head_dim=size["text_head_dim"], pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        ))
+    levels = len(size["vae"])
+    blocks = ("ResBlock",) * (levels - 1) + ("EfficientViTBlock",)
     with _seeded(seed, 2):
         vae = AutoencoderDC(
-            in_channels=3,
-            latent_channels=4,
-            attention_head_dim=8,
-            encoder_block_types=("ResBlock", "EfficientViTBlock"),
-            decoder_block_types=("ResBlock", "EfficientViTBlock"),
-            encoder_block_out_channels=(16, 32),
-            decoder_block_out_channels=(16, 32),
-            encoder_layers_per_block=(1, 1),
-            decoder_layers_per_block=(1, 1),
-            encoder_qkv_multiscales=((), (5,)),
-            decoder_qkv_multiscales=((), (5,)),
+            in_channels=3, latent_channels=size["latent"], attention_head_dim=8,
+            encoder_block_types=blocks, decoder_block_types=blocks,
+            encoder_block_out_channels=size["vae"], decoder_block_out_channels=size["vae"],
+            encoder_layers_per_block=(1,) * levels, decoder_layers_per_block=(1,) * levels,
+            encoder_qkv_multiscales=((),) * (levels - 1) + ((5,),),
+            decoder_qkv_multiscales=((),) * (levels - 1) + ((5,),),
             scaling_factor=0.41407,  # the SANA DC-AE's
         )
     with _seeded(seed, 1):
         transformer = SanaTransformer2DModel(
-            in_channels=4,
-            out_channels=4,
-            num_attention_heads=2,
-            attention_head_dim=8,
-            num_layers=2,
-            num_cross_attention_heads=2,
-            cross_attention_head_dim=8,
-            cross_attention_dim=16,
-            caption_channels=text_hidden,
+            in_channels=size["latent"], out_channels=size["latent"], num_attention_heads=size["heads"],
+            attention_head_dim=size["head_dim"], num_layers=size["layers"],
+            num_cross_attention_heads=size["heads"], cross_attention_head_dim=size["head_dim"],
+            cross_attention_dim=size["heads"] * size["head_dim"], caption_channels=size["text"],
             attention_bias=False,
-            sample_size=16,  # 16 latents x scale factor 2 = 32 px; 16 is also a size resolution binning knows
-            patch_size=1,
-            norm_elementwise_affine=False,
-            norm_eps=1e-6,
+            sample_size=size["sample"],  # tiny: 16 latents x scale 2 = 32 px, a size resolution binning knows
+            patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
         )
     # What the diffusers SANA conversion saves by default ("flow-dpm_solver", flow_shift 3 below 4K).
     scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")

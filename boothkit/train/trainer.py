@@ -194,6 +194,8 @@ def _prepare(config: TrainConfig) -> Run:
     weight_dtype = weights_dtype(accelerator.mixed_precision, accelerator.device)  # LoRA weights stay float32
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype)
     family.pipeline.to(accelerator.device)
+    if accelerator.mixed_precision == "fp16" and family.default_gpu_precision == "bf16":
+        log.warning("fp16 is known to give NaNs with %s models; --mixed_precision bf16 is safer", family.name)
     family.configure_text(config.max_sequence_length, config.complex_human_instruction)
     family.configure_training(config.weighting_scheme, config.logit_mean, config.logit_std, config.mode_scale)
     resolution = config.resolution or family.default_resolution
