@@ -75,6 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=sorted(BUILDERS), default="sd")
     parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--model", type=Path, help="Use this pipeline folder instead of the family's bench model.")
     parser.add_argument("--reference_script", type=Path,
                         help="diffusers examples/dreambooth/train_dreambooth_lora.py (sd) or ..._sana.py (sana)")
     parser.add_argument("--refshim", type=Path, default=Path(__file__).resolve().parents[2] / "shared/tools/refshim/run_ref.py")
@@ -83,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="boothkit-bench-"))
     try:
-        model = BUILDERS[args.family](work / "model")
+        model = args.model or BUILDERS[args.family](work / "model")
         images = work / "images"
         shutil.copytree(sample_subject_dir(), images)
         extra = FAMILY_FLAGS[args.family]
@@ -96,7 +97,7 @@ def main() -> None:
         for name, command in runs:
             best = [measure(name, command, tuple(args.steps), work) for _ in range(args.repeats)]
             results[name] = max(best, key=lambda r: r["steps_per_s"])
-        print(f"family {args.family}, {args.resolution} px, batch 1, rank 4")
+        print(f"family {args.family}, model {args.model or 'bench'}, {args.resolution} px, batch 1, rank 4")
         report(results)
     finally:
         shutil.rmtree(work, ignore_errors=True)

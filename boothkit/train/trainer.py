@@ -211,6 +211,11 @@ def _prepare(config: TrainConfig) -> Run:
     instance = LatentBank(family, instance_images, options, "instance", stream=0)
     classes = LatentBank(family, class_images, options, "class", stream=1) if class_images else None
     prompts = _cached_prompts(config, family, accelerator.device)
+    if prompts and not config.validation_prompt and accelerator.device.type == "cuda":
+        # Nothing needs the text encoder any more (SANA's Gemma-2 is ~5 GB in bf16): free its GPU memory.
+        for text_encoder in family.text_encoders:
+            text_encoder.to("cpu")
+        torch.cuda.empty_cache()
     trainable = _attach_adapters(config, family, weight_dtype)
     optimizer, lr_scheduler = _optimizer(config, trainable)
     if resumed is not None:
