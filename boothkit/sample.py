@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from boothkit.config import ModelSourceOptions, SamplerOptions
 from boothkit.errors import BoothkitError
 from boothkit.families import ModelFamily, load_family, weights_dtype
+from boothkit.guidance.adapters import text_options
 from boothkit.guidance.rules import METHODS, make_guidance
 from boothkit.guidance.sampler import GeneratedImage, GuidedSampler, SamplerSettings, load_guidance_adapters
 from boothkit.io import guard_output_dir, save_image_atomic, write_json_atomic
@@ -84,7 +85,7 @@ def run_sample(config: SampleConfig) -> list[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = weights_dtype(config.mixed_precision, device)
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, dtype)
-    family.configure_text(config.max_sequence_length, config.complex_human_instruction)
+    family.configure_text(*text_options(config, config.lora_dir))
     guidance = make_guidance(config.method, config.guidance_scale or family.default_guidance_scale,
                              config.cfg_scale, config.omega)
     adapters = load_guidance_adapters(family, config.lora_dir, config.weak_checkpoint_path, guidance)

@@ -134,3 +134,17 @@ def test_sample_and_evaluate_commands_on_sana(sana, sana_lora, tmp_path, run_cli
     assert result.code == 0, result.err
     summary = (tmp_path / "eval" / "evaluation_summary.csv").read_text().splitlines()
     assert summary[0] == "subject,num_prompts,CLIP-I,CLIP-T,DINO,guidance_scale" and summary[1].startswith("dog,1,")
+
+
+def test_sampling_embeds_prompts_as_the_lora_was_trained(sana, tmp_path, run_cli):
+    """A LoRA trained without the complex human instruction is sampled without it, unless a flag says so."""
+    from boothkit.guidance.adapters import text_options
+    from boothkit.sample import SampleConfig
+
+    out = tmp_path / "plain"
+    assert run_cli(*train_args(sana, out, "--max_train_steps", 2, "--no_complex_human_instruction",
+                               "--max_sequence_length", 120)).code == 0
+    base = {"pretrained_model_name_or_path": str(sana), "prompt": ["x"], "output_dir": str(tmp_path / "o")}
+    assert text_options(SampleConfig(**base), out) == (120, False)
+    assert text_options(SampleConfig(**base, complex_human_instruction=True), out) == (120, True)
+    assert text_options(SampleConfig(**base), None) == (300, True)

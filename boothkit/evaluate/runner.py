@@ -26,6 +26,7 @@ from boothkit.evaluate.config import EvaluateConfig
 from boothkit.evaluate.dataset import SubjectEntry, discover_subjects, load_evaluation_prompts
 from boothkit.evaluate.metrics import SubjectMetrics
 from boothkit.families import family_class_for, load_family, read_model_index, weights_dtype
+from boothkit.guidance.adapters import text_options
 from boothkit.guidance.rules import make_guidance
 from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
 from boothkit.io import atomic_path, write_json_atomic
@@ -72,7 +73,6 @@ class Evaluator:
         dtype = weights_dtype(self.config.mixed_precision, self.device)
         family = load_family(self.config.pretrained_model_path, self.config.revision, self.config.variant, dtype)
         family.pipeline.to(self.device)
-        family.configure_text(self.config.max_sequence_length, self.config.complex_human_instruction)
         return family
 
     @cached_property
@@ -120,7 +120,7 @@ class Evaluator:
             "size": (config.height, config.width), "negative": config.negative_prompt,
             "precision": config.mixed_precision, "dino": config.dino_model, "clip": config.clip_model,
             "identifier": config.identifier, "keep_identifier": config.keep_identifier,
-            "text": (config.max_sequence_length, config.complex_human_instruction),
+            "text": text_options(config, entry.lora_dir),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -133,6 +133,7 @@ class Evaluator:
             self.family.pipeline.unload_lora_weights()
         guidance = make_guidance(self.config.method, 1.0, self.config.cfg_scale, 1.0)
         self.adapters = load_guidance_adapters(self.family, str(entry.lora_dir), None, guidance)
+        self.family.configure_text(*text_options(self.config, entry.lora_dir))  # as this LoRA was trained
         self._loaded_subject = wanted
 
     def _references_for(self, entry: SubjectEntry):

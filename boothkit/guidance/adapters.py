@@ -10,6 +10,7 @@ are copied and no adapter is (un)loaded inside the sampling loop.
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -114,3 +115,22 @@ def _times(tensor: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(f"per-sample LoRA scales for {factors.shape[0]} rows, layer saw {tensor.shape[0]}")
     shape = (factors.shape[0],) + (1,) * (tensor.ndim - 1)
     return tensor * factors.to(device=tensor.device, dtype=tensor.dtype).view(shape)
+
+
+TEXT_OPTIONS = ("max_sequence_length", "complex_human_instruction")
+
+
+def text_options(config, lora_dir: str | Path | None) -> tuple[int, bool]:
+    """Prompt-encoding options for sampling: what the LoRA was trained with (its `train_config.json`)
+    unless the user set them, so that training and sampling embed prompts alike."""
+    values = {name: getattr(config, name) for name in TEXT_OPTIONS}
+    saved = Path(lora_dir) / "train_config.json" if lora_dir is not None else None
+    if saved is not None and saved.is_file():
+        try:
+            trained = json.loads(saved.read_text()).get("config", {})
+        except (OSError, ValueError):
+            trained = {}
+        for name in TEXT_OPTIONS:
+            if name not in config.model_fields_set and name in trained:
+                values[name] = trained[name]
+    return int(values["max_sequence_length"]), bool(values["complex_human_instruction"])
