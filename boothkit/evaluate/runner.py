@@ -12,26 +12,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
-from tqdm.auto import tqdm
 
 from boothkit.data.images import load_image_folder
 from boothkit.evaluate.config import EvaluateConfig
-from boothkit.evaluate.dataset import SubjectEntry, discover_subjects, load_evaluation_prompts
+from boothkit.evaluate.dataset import SubjectEntry, load_evaluation_prompts
 from boothkit.evaluate.metrics import SubjectMetrics
 from boothkit.families import family_class_for, load_family, read_model_index, weights_dtype
 from boothkit.guidance.adapters import text_options
 from boothkit.guidance.rules import make_guidance
 from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
-from boothkit.io import atomic_path, write_json_atomic
+from boothkit.io import atomic_path
 from boothkit.sample import image_name
-from boothkit.tune import golden_section_search
 
 log = logging.getLogger(__name__)
 METRICS = ("DINO", "CLIP-I", "CLIP-T")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -124,8 +125,6 @@ def run_evaluate(config: EvaluateConfig) -> list[SubjectResult] | None:
     log.debug("model evaluations run in this process: %d", evaluator.forward_calls)
     if not state.is_main_process:
         return None
-    import json
-
     results = [SubjectResult(**json.loads((results_dir / f"{e.folder}.json").read_text())) for e in entries]
     write_outputs(config, results, evaluator)
     return results
