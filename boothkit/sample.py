@@ -70,13 +70,18 @@ def image_name(index: int, prompt: str) -> str:
     return f"{index:04d}_{slug(prompt)}.png"
 
 
-def sampler_settings(family: ModelFamily, config: SampleConfig) -> SamplerSettings:
+def sampler_settings(family: ModelFamily, options: SamplerOptions) -> SamplerSettings:
+    """The sampler's settings for `sample` and `evaluate`: the user's flags, else the family's defaults."""
     resolution = family.default_resolution
-    return SamplerSettings(
-        num_inference_steps=config.num_inference_steps or family.default_inference_steps,
-        height=config.height or resolution, width=config.width or resolution,
-        scheduler=config.scheduler or family.default_scheduler, batch_size=config.batch_size,
+    settings = SamplerSettings(
+        num_inference_steps=options.num_inference_steps or family.default_inference_steps,
+        height=options.height or resolution, width=options.width or resolution,
+        scheduler=options.scheduler or family.default_scheduler, batch_size=options.batch_size,
     )
+    if settings.height % family.resolution_multiple or settings.width % family.resolution_multiple:
+        raise BoothkitError(f"--height and --width must be multiples of {family.resolution_multiple} for "
+                            f"{family.name} models")
+    return settings
 
 
 def run_sample(config: SampleConfig) -> list[Path]:
@@ -91,9 +96,6 @@ def run_sample(config: SampleConfig) -> list[Path]:
     adapters = load_guidance_adapters(family, config.lora_dir, config.weak_checkpoint_path, guidance)
     family.pipeline.to(device)
     settings = sampler_settings(family, config)
-    if settings.height % family.resolution_multiple or settings.width % family.resolution_multiple:
-        raise BoothkitError(f"--height and --width must be multiples of {family.resolution_multiple} for "
-                            f"{family.name} models")
     images = GuidedSampler(family, guidance, settings, adapters).generate(
         prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
     return write_samples(output_dir, images, config, guidance, settings)

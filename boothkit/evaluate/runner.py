@@ -25,9 +25,9 @@ from boothkit.evaluate.metrics import SubjectMetrics
 from boothkit.families import family_class_for, load_family, read_model_index, weights_dtype
 from boothkit.guidance.adapters import text_options
 from boothkit.guidance.rules import make_guidance
-from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
+from boothkit.guidance.sampler import GuidedSampler, load_guidance_adapters
 from boothkit.io import atomic_path
-from boothkit.sample import image_name
+from boothkit.sample import image_name, sampler_settings
 
 log = logging.getLogger(__name__)
 METRICS = ("DINO", "CLIP-I", "CLIP-T")
@@ -145,11 +145,7 @@ class Evaluator:
         family = self.family
         guidance = make_guidance(config.method, setting.guidance_scale, config.cfg_scale,
                                  setting.omega if setting.omega is not None else 1.0)
-        resolution = family.default_resolution
-        settings = SamplerSettings(
-            num_inference_steps=config.num_inference_steps or family.default_inference_steps,
-            height=config.height or resolution, width=config.width or resolution,
-            scheduler=config.scheduler or family.default_scheduler, batch_size=config.batch_size)
+        settings = sampler_settings(family, config)
         prompts = self.prompts_for(entry)
         generated = GuidedSampler(family, guidance, settings, self.adapters).generate(
             prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
