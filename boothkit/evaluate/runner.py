@@ -62,7 +62,6 @@ class Evaluator:
         self.prompts = load_evaluation_prompts(config.evaluation_prompts_path)
         self._loaded_subject: str | None = None
         self._references: dict[str, object] = {}
-        self.forward_calls = 0  # evaluations that ran the models (0 on a fully cached re-run)
 
     @cached_property
     def family(self):
@@ -120,17 +119,16 @@ class Evaluator:
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
-    def _subject_ready(self, entry: SubjectEntry, needs_weak: bool) -> None:
+    def _subject_ready(self, entry: SubjectEntry) -> None:
         """Load this subject's adapters (once per subject; never inside a sampling loop)."""
-        wanted = f"{entry.folder}:{needs_weak}"
-        if self._loaded_subject == wanted:
+        if self._loaded_subject == entry.folder:
             return
         if self._loaded_subject is not None:
             self.family.pipeline.unload_lora_weights()
         guidance = make_guidance(self.config.method, 1.0, self.config.cfg_scale, 1.0)
         self.adapters = load_guidance_adapters(self.family, str(entry.lora_dir), None, guidance)
         self.family.configure_text(*text_options(self.config, entry.lora_dir))  # as this LoRA was trained
-        self._loaded_subject = wanted
+        self._loaded_subject = entry.folder
 
     def _references_for(self, entry: SubjectEntry):
         if entry.folder not in self._references:
@@ -140,7 +138,7 @@ class Evaluator:
 
     def _run(self, entry: SubjectEntry, setting: Setting, key: str) -> tuple[Evaluation, list]:
         config = self.config
-        self._subject_ready(entry, config.method == "ag")
+        self._subject_ready(entry)
         references = self._references_for(entry)
         family = self.family
         guidance = make_guidance(config.method, setting.guidance_scale, config.cfg_scale,
@@ -149,7 +147,6 @@ class Evaluator:
         prompts = self.prompts_for(entry)
         generated = GuidedSampler(family, guidance, settings, self.adapters).generate(
             prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
-        self.forward_calls += 1
         return _score(self, entry, setting, key, prompts, generated, references, settings)
 
 

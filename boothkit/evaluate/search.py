@@ -19,10 +19,9 @@ from boothkit.evaluate.dataset import SubjectEntry, discover_subjects
 from boothkit.evaluate.runner import METRICS, Evaluation, Evaluator, Setting
 from boothkit.guidance.adapters import lora_file
 from boothkit.io import write_json_atomic
-from boothkit.tune import golden_section_search
+from boothkit.tune import GOLDEN_RATIO, golden_section_search
 
 log = logging.getLogger(__name__)
-GOLDEN_SHRINK = (math.sqrt(5) - 1) / 2
 
 
 @dataclass
@@ -43,7 +42,7 @@ def _row(evaluation: Evaluation) -> dict:
 def expected_evaluations(config: EvaluateConfig) -> int:
     """Evaluations of one subject's search, for the progress bar."""
     low, high = config.lambda_range
-    golden = 2 + max(0, math.ceil(math.log(config.tolerance / (high - low)) / math.log(GOLDEN_SHRINK)))
+    golden = 2 + max(0, math.ceil(math.log(config.tolerance / (high - low)) / math.log(GOLDEN_RATIO)))
     if config.max_evaluations:
         golden = min(golden, config.max_evaluations)
     return {"none": 1, "lambda": golden, "omega": len(config.omega_grid),
@@ -122,7 +121,6 @@ def run_evaluate(config: EvaluateConfig) -> list[SubjectResult] | None:
         result = search_subject(evaluator, entry)
         write_json_atomic(results_dir / f"{entry.folder}.json", asdict(result))
     state.wait_for_everyone()
-    log.debug("model evaluations run in this process: %d", evaluator.forward_calls)
     if not state.is_main_process:
         return None
     results = [SubjectResult(**json.loads((results_dir / f"{e.folder}.json").read_text())) for e in entries]
