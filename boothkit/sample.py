@@ -91,8 +91,8 @@ def run_sample(config: SampleConfig) -> list[Path]:
     dtype = weights_dtype(config.mixed_precision, device)
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, dtype)
     family.configure_text(*text_options(config, config.lora_dir))
-    guidance = make_guidance(config.method, config.guidance_scale or family.default_guidance_scale,
-                             config.cfg_scale, config.omega)
+    scale = config.guidance_scale if config.guidance_scale is not None else family.default_guidance_scale
+    guidance = make_guidance(config.method, scale, config.cfg_scale, config.omega)  # λ = 0 is a valid scale
     adapters = load_guidance_adapters(family, config.lora_dir, config.weak_checkpoint_path, guidance)
     family.pipeline.to(device)
     settings = sampler_settings(family, config)

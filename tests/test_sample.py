@@ -209,3 +209,9 @@ def test_a_lora_for_another_model_is_a_clear_error(damage, sd15, sd15_lora, tmp_
     save_file(foreign, folder / "pytorch_lora_weights.safetensors")
     line = error_line(run_cli(*sample_args(sd15, folder, tmp_path / "o", "--prompt", "x")))
     assert "does not fit" in line
+
+
+def test_guidance_scale_zero_is_kept(sd15, sd15_lora, tmp_path, run_cli):
+    out = tmp_path / "o"
+    assert run_cli(*sample_args(sd15, sd15_lora, out, "--prompt", "x", "--guidance_scale", 0)).code == 0
+    assert json.loads((out / "samples.json").read_text())[0]["guidance_scale"] == 0.0
