@@ -69,7 +69,7 @@ def _run_train(config) -> int:
 
 
 def _add_sample(subparsers) -> None:
-    from boothkit.sample import SampleConfig
+    from boothkit.guidance.config import SampleConfig
 
     _add_schema_command(subparsers, "sample", "Generate images with CFG, CFG + AutoGuidance or WIG.",
                         SampleConfig, _run_sample)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from boothkit.errors import BoothkitError
 
@@ -126,34 +126,3 @@ class ModelSourceOptions(CommandConfig):
 
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
-
-
-class SamplerOptions(CommandConfig):
-    """The guided sampler's flags, shared by `sample` and `evaluate`."""
-
-    guidance_scale: float | None = Field(None, description="λ (default: the family's, 7.5 for SD).")
-    cfg_scale: float = Field(7.5, description="s, the CFG scale inside CFG + AG.")
-    negative_prompt: str | None = Field(None, description="Replaces the empty prompt in every rule.")
-    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (default: 50 for SD).")
-    num_images_per_prompt: int = Field(1, ge=1, description="Images per prompt; image i uses seed + i.")
-    seed: int = Field(0, ge=0, lt=2**63 - 2**20, description="Seed of image 0 of every prompt.")
-    height: int | None = Field(None, ge=8, description="Height (default: the model's resolution).")
-    width: int | None = Field(None, ge=8, description="Width (default: the model's resolution).")
-    scheduler: str | None = Field(None, description="ddim, dpm, euler, euler_a, unipc, ... or a diffusers class name.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Weights dtype (fp16 needs a GPU).")
-    batch_size: int = Field(4, ge=1, description="Images per denoising batch.")
-    max_sequence_length: int = Field(300, ge=1, description="SANA: prompt tokens (as in training).")
-    complex_human_instruction: bool = Field(True, description="SANA: prepend the pipeline's complex human "
-                                                              "instruction to prompts (as in training).")
-
-    @field_validator("scheduler")
-    @classmethod
-    def _known_scheduler(cls, name: str | None) -> str | None:
-        if name is not None:
-            from boothkit.guidance.schedulers import scheduler_class
-
-            try:
-                scheduler_class(name)
-            except BoothkitError as error:
-                raise ValueError(str(error)) from None
-        return name

@@ -5,38 +5,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 
-from boothkit.config import ModelSourceOptions, SamplerOptions
 from boothkit.errors import BoothkitError
 from boothkit.families import ModelFamily, load_family, weights_dtype
 from boothkit.guidance.adapters import text_options
-from boothkit.guidance.rules import METHODS, make_guidance
+from boothkit.guidance.config import SampleConfig, SamplerOptions
+from boothkit.guidance.rules import make_guidance
 from boothkit.guidance.sampler import GeneratedImage, GuidedSampler, SamplerSettings, load_guidance_adapters
 from boothkit.io import guard_output_dir, save_image_atomic, write_json_atomic
-
-
-
-class SampleConfig(ModelSourceOptions, SamplerOptions):
-    pretrained_model_name_or_path: str = Field(description="Hub id or local folder of the base pipeline.")
-    lora_dir: str | None = Field(None, description="Fine LoRA folder (its weak/ serves --method ag).")
-    weak_checkpoint_path: str | None = Field(None, description="Weak LoRA folder or file (overrides LORA_DIR/weak).")
-    method: Literal[METHODS] = Field("cfg", description="Guidance: cfg, ag (CFG + AutoGuidance), wig, none.")
-    prompt: list[str] = Field(default_factory=list, description="Prompt (repeatable).",
-                              json_schema_extra={"repeatable": True})
-    prompts_file: str | None = Field(None, description="Text file with one prompt per line, or a JSON list.")
-    omega: float = Field(0.5, ge=0.0, le=1.0, description="ω of WIG: LoRA scale of the weak (null-prompt) branch.")
-    output_dir: str = Field(description="Where images and samples.json are written.")
-    overwrite: bool = Field(False, description="Allow a non-empty output_dir.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "SampleConfig":
-        if not self.prompt and not self.prompts_file:
-            raise ValueError("give at least one --prompt or a --prompts_file")
-        return self
 
 
 def read_prompts(config: SampleConfig) -> list[str]:

@@ -139,7 +139,7 @@ def test_sample_and_evaluate_commands_on_sana(sana, sana_lora, tmp_path, run_cli
 def test_sampling_embeds_prompts_as_the_lora_was_trained(sana, tmp_path, run_cli):
     """A LoRA trained without the complex human instruction is sampled without it, unless a flag says so."""
     from boothkit.guidance.adapters import text_options
-    from boothkit.sample import SampleConfig
+    from boothkit.guidance.config import SampleConfig
 
     out = tmp_path / "plain"
     assert run_cli(*train_args(sana, out, "--max_train_steps", 2, "--no_complex_human_instruction",

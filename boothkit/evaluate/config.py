@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from boothkit.config import ModelSourceOptions, SamplerOptions
+from boothkit.config import ModelSourceOptions
+from boothkit.guidance.config import SamplerOptions
 
 DEFAULT_OMEGA_GRID = [round(0.1 * step, 1) for step in range(11)]
 

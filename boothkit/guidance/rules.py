@@ -16,8 +16,9 @@ from typing import Callable, Literal
 
 import torch
 
+from boothkit.guidance.config import METHODS
+
 Method = Literal["cfg", "ag", "wig", "none"]
-METHODS: tuple[str, ...] = ("cfg", "ag", "wig", "none")
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
