@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,26 @@ def test_mapping_with_prompts_and_classes_subjects() -> None:
     assert subject_of_folder("cat_statue", subjects) is None
 
 
-def test_mapping_rule_is_documented() -> None:
-    assert "never combined" in MAPPING_RULE and "`dogcd` -> dog" in MAPPING_RULE
-    assert "\n" not in MAPPING_RULE
+# "`cat2` -> cat" and "`dog2` -> dog2 when dog2 is a subject", as MAPPING_RULE writes its examples.
+_DOCUMENTED_EXAMPLE = re.compile(
+    r"`(?P<folder>[^`]+)` -> (?P<subject>[a-z][a-z0-9 ]*?)(?: when (?P<condition>[a-z0-9 ]+) is a subject)?"
+    r"(?=[;,)])"
+)
+
+
+def test_documented_mapping_examples_are_what_the_code_does() -> None:
+    """Every `folder` -> subject example of MAPPING_RULE (the README paragraph) is what subject_of_folder
+    returns, so the documentation and the code cannot drift apart."""
+    examples = [(m["folder"], m["subject"], m["condition"]) for m in _DOCUMENTED_EXAMPLE.finditer(MAPPING_RULE)]
+    # The parser must see every example the text gives (each is written "`folder` -> ...").
+    assert len(examples) == MAPPING_RULE.count("` -> ") >= 7, f"parsed from MAPPING_RULE: {examples}"
+    unconditional = {subject for _, subject, condition in examples if condition is None}
+    for folder, subject, condition in examples:
+        extra = {condition} if condition else set()
+        # The example holds with only its own subject, and among all the documented subjects.
+        for subjects in ({subject} | extra, unconditional | extra):
+            assert subject_of_folder(folder, sorted(subjects)) == subject, (folder, sorted(subjects))
+    assert "\n" not in MAPPING_RULE  # one paragraph for the README
 
 
 # ----------------------------------------------------------------------------------------- discovery
