@@ -1,0 +1,83 @@
+"""Content identity: what a cached result, or a resumed run, depends on — by content, never by name or size.
+
+One helper for every cache (evaluation results today; latents, masks, PDM features later) and for the
+run identity a checkpoint records. Digests are SHA-256 of the bytes. A file is read once per process for
+each (path, size, mtime, inode, ctime) it has; any rewrite of the file changes one of these, so the memo
+never answers for changed content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+_CHUNK = 1 << 20
+_memo: dict[tuple, str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+    if key not in _memo:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+        _memo[key] = digest.hexdigest()
+    return _memo[key]
+
+
+def files_digest(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
+    """One digest of several files: their names (relative to `root`, else the base name) and contents,
+    independent of the order given."""
+    entries = []
+    for path in paths:
+        path = Path(path)
+        name = path.relative_to(root).as_posix() if root is not None else path.name
+        entries.append((name, file_digest(path)))
+    return value_digest(sorted(entries))
+
+
+def folder_digest(folder: str | os.PathLike, skip_hidden: bool = True) -> str:
+    """Digest of every regular file below `folder` (hidden files and folders skipped by default)."""
+    folder = Path(folder)
+    files = [p for p in folder.rglob("*") if p.is_file()
+             and not (skip_hidden and any(part.startswith(".") for part in p.relative_to(folder).parts))]
+    return files_digest(files, root=folder)
+
+
+def value_digest(value: Any) -> str:
+    """Digest of a JSON-serialisable value (dict keys sorted; floats by repr, so 0.1 ≠ 0.1000001)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(source: str, revision: str | None = None, variant: str | None = None,
+                   config_name: str = "model_index.json") -> dict:
+    """What a model *is*, for cache keys and run records.
+
+    A local folder: the digest of its files (configs, tokenizer files and weights), so a model rebuilt at the
+    same path is a different model. A hub id: the commit the revision resolves to (from the local cache when
+    offline), which pins every file of that snapshot.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return {"local": folder_digest(path) if path.is_dir() else file_digest(path), "variant": variant}
+    return {"hub": source, "commit": _hub_commit(source, revision, config_name), "variant": variant}
+
+
+def _hub_commit(repo_id: str, revision: str | None, config_name: str) -> str:
+    """The commit hash a hub revision resolves to: the snapshot folder `hf_hub_download` returns is named so."""
+    from huggingface_hub import hf_hub_download
+
+    from boothkit.errors import BoothkitError, first_line
+
+    try:
+        config = Path(hf_hub_download(repo_id, config_name, revision=revision))
+    except Exception as error:  # offline with nothing cached, unknown repo, no network ...
+        raise BoothkitError(f"cannot resolve model '{repo_id}': {first_line(error)}") from None
+    return config.parent.name if config.parent.parent.name == "snapshots" else file_digest(config)
