@@ -201,6 +201,25 @@ class OutputFolder:
         """`claim` for one path."""
         return self.claim(relative)[0]
 
+    def adopt(self, *relatives: str | os.PathLike) -> None:
+        """Record files that this run's other processes wrote (they hold no lock and keep no manifest; before
+        writing they checked `may_write` against the manifest on disk)."""
+        new = {Path(relative).as_posix() for relative in relatives} - self.files
+        if new:
+            self.files |= new
+            self._save_manifest()
+
+
+def may_write(root: str | os.PathLike, relative: str | os.PathLike) -> bool:
+    """For processes that do not hold the folder's lock (other ranks of a distributed run): True when the path
+    is new or boothkit's own according to the manifest on disk."""
+    root = Path(root).expanduser()
+    target = root / relative
+    if not (target.exists() or target.is_symlink()):
+        return True
+    manifest = read_manifest(root)
+    return manifest is not None and Path(relative).as_posix() in manifest["files"]
+
     # Deleting (only what the manifest lists) -------------------------------------------------------------
     def remove(self, prefix: str | os.PathLike = "") -> int:
         """Remove boothkit's files at or below `prefix` ("" = all), then folders this left empty. Returns the
