@@ -1,15 +1,24 @@
-"""`boothkit` command line. User errors end in one line on stderr and exit status 2, never a traceback."""
+"""`boothkit` command line. User errors end in one line on stderr and exit status 2, never a traceback.
+
+Building the parser imports only the light schema modules (pydantic, no torch): `--help`, `--version` and
+argument errors answer at once, and each command imports torch, diffusers and friends when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
+import re
 import sys
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from boothkit import __version__
 from boothkit.errors import BoothkitError
 
 EXIT_USER_ERROR = 2
@@ -32,27 +41,45 @@ def _configure_logging() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help layout, without breaking model ids such as facebook/dino-vits16 at their hyphens."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (with the program name) and exit status 2."""
+    """argparse, but a usage error is one line (with the program name) and exit status 2, and every negative
+    number is a value (`--lambda_range -1e3 5`), not only `-5` and `-0.5` (`-inf` too, so the schema can
+    reject it by name)."""
+
+    _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self._NEGATIVE_NUMBER  # argparse's own test when no flag looks like one
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise BoothkitError(f"{self.prog}: {message}")
 
 
-def _add_schema_command(subparsers, name: str, help_text: str, schema: type, run: Callable) -> None:
-    """A command whose flags come from a pydantic schema (plus `--config FILE` with the same keys)."""
-    from boothkit.config import add_schema_arguments, build_config
+@dataclass(frozen=True)
+class SchemaCommand:
+    """A command whose flags come from a pydantic schema (plus `--config FILE` with the same keys).
 
-    parser = subparsers.add_parser(name, help=help_text)
-    parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags.")
-    add_schema_arguments(parser, schema)
-    parser.set_defaults(handler=lambda args: run(build_config(schema, args)))
+    `schema` is "module:Class" of a light module (importing it must not import torch); `run` receives the
+    validated config and imports what the command needs.
+    """
 
+    name: str
+    help: str
+    schema: str
+    run: Callable[[object], int]
 
-def _add_train(subparsers) -> None:
-    from boothkit.train.config import TrainConfig
-
-    _add_schema_command(subparsers, "train", "Train a DreamBooth LoRA from a few photos.", TrainConfig, _run_train)
+    def load_schema(self) -> type:
+        module_name, class_name = self.schema.split(":")
+        return getattr(importlib.import_module(module_name), class_name)
 
 
 def _run_train(config) -> int:
@@ -68,26 +95,12 @@ def _run_train(config) -> int:
     return 0
 
 
-def _add_sample(subparsers) -> None:
-    from boothkit.guidance.config import SampleConfig
-
-    _add_schema_command(subparsers, "sample", "Generate images with CFG, CFG + AutoGuidance or WIG.",
-                        SampleConfig, _run_sample)
-
-
 def _run_sample(config) -> int:
     from boothkit.sample import run_sample
 
     paths = run_sample(config)
     print(f"{len(paths)} image(s) and samples.json in {paths[0].parent}")
     return 0
-
-
-def _add_evaluate(subparsers) -> None:
-    from boothkit.evaluate.config import EvaluateConfig
-
-    _add_schema_command(subparsers, "evaluate", "Score subjects with DINO / CLIP-I / CLIP-T and tune guidance.",
-                        EvaluateConfig, _run_evaluate)
 
 
 def _run_evaluate(config) -> int:
@@ -101,13 +114,6 @@ def _run_evaluate(config) -> int:
     return 0
 
 
-def _add_score(subparsers) -> None:
-    from boothkit.evaluate.score import ScoreConfig
-
-    _add_schema_command(subparsers, "score", "Score generated images against reference photos.",
-                        ScoreConfig, _run_score)
-
-
 def _run_score(config) -> int:
     from boothkit.evaluate.score import run_score
 
@@ -115,13 +121,41 @@ def _run_score(config) -> int:
     return 0
 
 
+SCHEMA_COMMANDS: tuple[SchemaCommand, ...] = (
+    SchemaCommand("train", "Train a DreamBooth LoRA from a few photos.", "boothkit.train.config:TrainConfig",
+                  _run_train),
+    SchemaCommand("sample", "Generate images with CFG, CFG + AutoGuidance or WIG.",
+                  "boothkit.guidance.config:SampleConfig", _run_sample),
+    SchemaCommand("evaluate", "Score subjects with DINO / CLIP-I / CLIP-T and tune guidance.",
+                  "boothkit.evaluate.config:EvaluateConfig", _run_evaluate),
+    SchemaCommand("score", "Score generated images against reference photos.", "boothkit.evaluate.score:ScoreConfig",
+                  _run_score),
+)
+
+
+def command_schemas() -> dict[str, type]:
+    """{command name: its pydantic schema} for every schema command."""
+    return {command.name: command.load_schema() for command in SCHEMA_COMMANDS}
+
+
+def _add_schema_command(subparsers, command: SchemaCommand) -> None:
+    from boothkit.config import add_schema_arguments, build_config
+
+    schema = command.load_schema()
+    parser = subparsers.add_parser(command.name, help=command.help, description=command.help)
+    parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags.")
+    add_schema_arguments(parser, schema)
+    parser.set_defaults(handler=lambda args: command.run(build_config(schema, args)))
+
+
 def _add_tiny(subparsers) -> None:
     from boothkit.testing.tiny import TINY_KINDS
 
-    parser = subparsers.add_parser("tiny", help="Write a tiny random model (offline stand-in for tests and demos).")
+    help_text = "Write a tiny random model (offline stand-in for tests and demos)."
+    parser = subparsers.add_parser("tiny", help=help_text, description=help_text)
     parser.add_argument("kind", choices=TINY_KINDS)
     parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights. (default: 0)")
     parser.set_defaults(handler=_run_tiny)
 
 
@@ -132,15 +166,45 @@ def _run_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable, ...] = (_add_train, _add_sample, _add_evaluate, _add_score, _add_tiny)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="boothkit", description="Personalize text-to-image diffusion models (DreamBooth-LoRA).")
+    parser.add_argument("--version", action="version", version=f"boothkit {__version__}")
+
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add_command in COMMANDS:
-        add_command(subparsers)
+    for command in SCHEMA_COMMANDS:
+        _add_schema_command(subparsers, command)
+    _add_tiny(subparsers)
     return parser
+
+
+def _close_progress_bars() -> None:
+    """Close every open tqdm bar, so that an error printed next starts on a line of its own and stays last."""
+    tqdm_std = sys.modules.get("tqdm.std")
+    if tqdm_std is None:
+        return
+    classes, bars = [tqdm_std.tqdm], []
+    while classes:  # diffusers, transformers and tqdm.auto use subclasses, which may keep their own set
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        bars.extend(cls.__dict__.get("_instances", ()))
+    for bar in set(bars):
+        try:
+            bar.close()
+        except Exception:  # a bar whose stream is gone must not hide the error  # noqa: BLE001
+            pass
+
+
+def _report(message: str) -> None:
+    _close_progress_bars()
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _describe_os_error(error: OSError) -> str:
+    """`No space left on device: '/out/x.png'`: the system's words and the path, as the shell says them."""
+    reason = error.strerror or str(error) or type(error).__name__
+    paths = [os.fsdecode(name) for name in (error.filename, error.filename2) if name is not None]
+    return ": ".join([reason, *(repr(path) for path in paths)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,11 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except BoothkitError as error:
-        print(f"error: {error}", file=sys.stderr)
+        _report(str(error))
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _report("interrupted")
         return EXIT_INTERRUPTED
+    except OSError as error:  # the user's environment: read-only folder, a file where a folder goes, disk full
+        _report(_describe_os_error(error))
+        return EXIT_USER_ERROR
+    except UnicodeDecodeError as error:  # fallback; readers of users' files should name the file themselves
+        _report(f"a file is not {error.encoding} text: {error.reason} at byte {error.start}")
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """Validated command configurations: one pydantic schema per command is the single source of truth.
 
-The schema's fields become the command-line flags (`--name`, with the field's description as help),
-a `--config FILE` (YAML or TOML) may hold the same keys, and explicit flags override the file.
-A typo anywhere — an unknown flag or an unknown key in the file — is an error, never silently ignored.
+The schema's fields become the command-line flags (`--NAME`, with the field's description and default as
+help; a bool field gives the pair `--NAME` / `--no_NAME`, allow_inf_nan=False), a `--config FILE` (YAML or TOML) may hold the
+same keys, and explicit flags override the file. A typo anywhere — an unknown flag or an unknown key in the
+file — is an error, never silently ignored, and so is a NaN or infinite number in any float field.
+
+A field may keep an old name as a hidden alias: `Field(validation_alias=AliasChoices("new_name", "old_name"))`
+gives the flag `--NEW_NAME`, a hidden `--OLD_NAME` with the same effect, and accepts both keys in a file.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticUndefined
 
 from boothkit.errors import BoothkitError
 
@@ -23,7 +28,9 @@ Schema = TypeVar("Schema", bound="CommandConfig")
 
 
 class CommandConfig(BaseModel):
-    """Base for command schemas: unknown keys are errors and assignments are validated."""
+    """Base for command schemas: unknown keys are errors, assignments are validated, and every float —
+    alone, optional, or inside a tuple or list — must be finite (NaN and ±inf are refused, also as text
+    such as "nan" or "1e400" from a config file)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -37,41 +44,88 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
+class _Switch(argparse.Action):
+    """`--NAME` sets True and `--no_NAME` sets False (so a switch set in a config file can be turned off)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, not (option_string or "").startswith("--no_"))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
+def flag_aliases(name: str, field) -> list[str]:
+    """Other names of a field (from `validation_alias`), each a hidden flag and an accepted file key."""
+    alias = field.validation_alias
+    choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+    return [choice for choice in choices if isinstance(choice, str) and choice != name]
+
+
 def add_schema_arguments(parser: argparse.ArgumentParser, schema: type[CommandConfig]) -> None:
     """Add one flag per schema field. Flags default to SUPPRESS so that only explicit ones override."""
     for name, field in schema.model_fields.items():
-        annotation = _unwrap_optional(field.annotation)
-        origin = typing.get_origin(annotation)
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _help_text(field)}
-        if annotation is bool:
-            # `--flag` / `--no_flag`, so a flag set in a config file can be switched off again.
-            parser.add_argument(f"--{name}", action="store_true", **kwargs)
-            parser.add_argument(f"--no_{name}", dest=name, action="store_false", default=argparse.SUPPRESS,
-                                help=argparse.SUPPRESS)
-            continue
-        elif origin is Literal:
-            kwargs["choices"] = list(typing.get_args(annotation))
-            if field.json_schema_extra and "bare" in field.json_schema_extra:
-                kwargs.update(nargs="?", const=field.json_schema_extra["bare"])  # `--flag` alone means this
-        elif origin in (list, tuple):
-            item_types = [t for t in typing.get_args(annotation) if t is not Ellipsis]
-            kwargs["type"] = item_types[0] if item_types else str
-            kwargs["nargs"] = len(item_types) if origin is tuple and Ellipsis not in typing.get_args(annotation) else "+"
-            if field.json_schema_extra and field.json_schema_extra.get("repeatable"):
-                kwargs["nargs"] = None
-                kwargs["action"] = "append"
-        elif annotation in (int, float, str):
-            kwargs["type"] = annotation
-        elif annotation is Path:
-            kwargs["type"] = str
-        parser.add_argument(f"--{name}", **kwargs)
+        kwargs = _argument_kwargs(field)
+        if kwargs.get("action") is _Switch:
+            parser.add_argument(f"--{name}", f"--no_{name}", dest=name, **kwargs)
+        else:
+            parser.add_argument(f"--{name}", dest=name, **kwargs)
+        for alias in flag_aliases(name, field):
+            hidden = dict(kwargs, help=argparse.SUPPRESS)
+            flags = [f"--{alias}", f"--no_{alias}"] if kwargs.get("action") is _Switch else [f"--{alias}"]
+            parser.add_argument(*flags, dest=name, **hidden)
+
+
+def _argument_kwargs(field) -> dict[str, Any]:
+    """argparse keyword arguments for one field: type, nargs, choices and help from its annotation."""
+    annotation = _unwrap_optional(field.annotation)
+    origin = typing.get_origin(annotation)
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _help_text(field)}
+    if annotation is bool:
+        kwargs["action"] = _Switch
+    elif origin is Literal:
+        kwargs["choices"] = list(typing.get_args(annotation))
+        if "bare" in extra:
+            kwargs.update(nargs="?", const=extra["bare"])  # `--flag` alone means this
+    elif origin in (list, tuple):
+        item_types = [t for t in typing.get_args(annotation) if t is not Ellipsis]
+        kwargs["type"] = item_types[0] if item_types else str
+        fixed_length = origin is tuple and Ellipsis not in typing.get_args(annotation)
+        kwargs["nargs"] = len(item_types) if fixed_length else "+"
+        if extra.get("repeatable"):
+            kwargs["nargs"] = None
+            kwargs["action"] = "append"
+    elif annotation in (int, float, str):
+        kwargs["type"] = annotation
+    elif annotation is Path:
+        kwargs["type"] = str
+    return kwargs
 
 
 def _help_text(field) -> str:
+    """The description, then "(required)", "(repeatable)" or "(default: VALUE)" with VALUE as typed on the
+    command line; a default of None (unset) adds nothing, the description says what happens then."""
     text = field.description or ""
-    if field.default is not None and not callable(field.default) and field.default is not ...:
-        text += f" (default: {field.default})"
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if field.is_required():
+        note = "required"
+    elif extra.get("repeatable"):
+        note = "repeatable"
+    else:
+        default = field.default_factory() if field.default_factory is not None else field.default
+        note = None if default is None or default is PydanticUndefined else f"default: {_as_flag_value(default)}"
+    if note:
+        text = f"{text} ({note})" if text else f"({note})"
     return text.replace("%", "%%")
+
+
+def _as_flag_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(_as_flag_value(item) for item in value) if value else "none"
+    return str(value)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -98,9 +152,11 @@ def build_config(schema: type[Schema], namespace: argparse.Namespace) -> Schema:
     explicit = {key: value for key, value in vars(namespace).items() if key in schema.model_fields}
     config_path = getattr(namespace, "config", None)
     values = read_config_file(config_path) if config_path else {}
-    unknown = sorted(set(values) - set(schema.model_fields))
+    alias_names = {alias: name for name, field in schema.model_fields.items() for alias in flag_aliases(name, field)}
+    unknown = sorted(set(values) - set(schema.model_fields) - set(alias_names))
     if unknown:
         raise BoothkitError(f"config file '{config_path}' has unknown key(s): {', '.join(unknown)}")
+    values = {alias_names.get(key, key): value for key, value in values.items()}
     values.update(explicit)
     return validate_config(schema, values)
 
@@ -113,11 +169,16 @@ def validate_config(schema: type[Schema], values: dict[str, Any]) -> Schema:
 
 
 def format_validation_error(error: ValidationError) -> str:
-    parts = []
+    """One line: `--FLAG: problem` per problem (a tuple or list item is reported under its flag)."""
+    parts: list[str] = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "config"
-        message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"--{location}: {message}" if item["loc"] else message)
+        if item["type"] == "finite_number":
+            message = "must be a finite number"
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+        part = f"--{item['loc'][0]}: {message}" if item["loc"] else message
+        if part not in parts:
+            parts.append(part)
     return "; ".join(parts)
 
 
