@@ -169,7 +169,6 @@ def _run_tiny(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="boothkit", description="Personalize text-to-image diffusion models (DreamBooth-LoRA).")
     parser.add_argument("--version", action="version", version=f"boothkit {__version__}")
-
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for command in SCHEMA_COMMANDS:
         _add_schema_command(subparsers, command)
@@ -190,7 +189,7 @@ def _close_progress_bars() -> None:
     for bar in set(bars):
         try:
             bar.close()
-        except Exception:  # a bar whose stream is gone must not hide the error  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a bar whose stream is gone must not hide the error
             pass
 
 

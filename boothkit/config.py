@@ -1,7 +1,7 @@
 """Validated command configurations: one pydantic schema per command is the single source of truth.
 
 The schema's fields become the command-line flags (`--NAME`, with the field's description and default as
-help; a bool field gives the pair `--NAME` / `--no_NAME`, allow_inf_nan=False), a `--config FILE` (YAML or TOML) may hold the
+help; a bool field gives the pair `--NAME` / `--no_NAME`), a `--config FILE` (YAML or TOML) may hold the
 same keys, and explicit flags override the file. A typo anywhere — an unknown flag or an unknown key in the
 file — is an error, never silently ignored, and so is a NaN or infinite number in any float field.
 
@@ -32,7 +32,7 @@ class CommandConfig(BaseModel):
     alone, optional, or inside a tuple or list — must be finite (NaN and ±inf are refused, also as text
     such as "nan" or "1e400" from a config file)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _unwrap_optional(annotation: Any) -> Any:
