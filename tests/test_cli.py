@@ -16,11 +16,12 @@ import typing
 from pathlib import Path
 
 import pytest
+from pydantic import AliasChoices, Field
 from tqdm import tqdm
 
 import boothkit
-from boothkit.cli import build_parser, command_schemas, main
-from boothkit.config import build_config
+from boothkit.cli import _Parser, build_parser, command_schemas, main
+from boothkit.config import CommandConfig, add_schema_arguments, build_config
 from boothkit.errors import BoothkitError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,6 +177,25 @@ def test_no_switch_turns_off_a_switch_set_in_a_config_file(tmp_path):
     config = build_config(schema, args)
     assert config.random_flip is False and config.cache_latents is True
     assert build_config(schema, parser.parse_args(["train", *required, "--config", str(config_file)])).random_flip
+
+
+class _RenamedSchema(CommandConfig):
+    model_path: str = Field(description="New name.", validation_alias=AliasChoices("model_path", "old_model_path"))
+    fast: bool = Field(False, description="A switch with an old name.", validation_alias=AliasChoices("fast", "quick"))
+
+
+def test_an_old_field_name_is_a_hidden_alias_for_flags_and_files(tmp_path):
+    parser = _Parser(prog="demo")
+    add_schema_arguments(parser, _RenamedSchema)
+    assert "old_model_path" not in parser.format_help() and "quick" not in parser.format_help()
+    config = build_config(_RenamedSchema, parser.parse_args(["--old_model_path", "m", "--quick"]))
+    assert (config.model_path, config.fast) == ("m", True)
+    config_file = tmp_path / "old.yaml"
+    config_file.write_text("old_model_path: from-file\nquick: true\n")
+    args = parser.parse_args(["--no_quick"])
+    args.config = str(config_file)
+    config = build_config(_RenamedSchema, args)
+    assert (config.model_path, config.fast) == ("from-file", False)
 
 
 def test_version_is_the_package_version(capsys):
