@@ -1,30 +1,30 @@
 """DINO, CLIP-I, CLIP-T: equal to their definitions computed by hand with transformers, and to torchmetrics' CLIPScore.
 
-The hand computations below are written independently of `boothkit.evaluate.metrics` (own preprocessing, the
-models' forward passes rather than `get_*_features`).
+The hand computations below are written independently of `boothkit.evaluate.metrics`: images go through the
+transformers image processors (boothkit has its own Pillow/numpy preprocessing), embeddings come from the models'
+forward passes rather than `get_*_features`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import boothkit.cli
 from boothkit.data.images import load_image_folder, sample_subject_dir
 from boothkit.errors import BoothkitError
 from boothkit.evaluate.metrics import (
-    DINO_CROP,
-    DINO_RESIZE,
     ClipEmbedder,
     DinoEmbedder,
+    ImagePreprocessing,
     SubjectMetrics,
-    dino_pixels,
     mean_cosine,
+    model_preprocessing,
     strip_identifier,
 )
 from boothkit.evaluate.score import ScoreConfig, run_score
@@ -36,7 +36,7 @@ PROMPT = "a photo of sks dog in the snow"
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("metric-models")
-    return {"dino": build_tiny("dino", root / "dino", 0), "clip": build_tiny("clip", root / "clip", 0)}
+    return {kind: build_tiny(kind, root / kind, 0) for kind in ("dino", "dinov2", "clip")}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,9 @@ def folders(tmp_path_factory):
     """Generated images of several sizes and aspect ratios (PNG, so they read back identical) and the sample dog."""
     generated = tmp_path_factory.mktemp("generated")
     rng = np.random.default_rng(0)
-    for index, (width, height) in enumerate([(64, 48), (100, 100), (48, 80), (300, 257)]):
+    # 160 x 90 (16:9) resized to 455 x 256 leaves an odd margin of 231 around a 224 crop: transformers floors the
+    # offset (115), torchvision rounds it (116).
+    for index, (width, height) in enumerate([(64, 48), (100, 100), (48, 80), (300, 257), (160, 90)]):
         base = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
         smooth = Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR)
         noisy = np.clip(np.asarray(smooth, dtype=np.int16) + rng.integers(-20, 21, (height, width, 3)), 0, 255)
@@ -71,30 +73,53 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.T
 
 
-def _dino_protocol(image: Image.Image) -> np.ndarray:
-    """Resize(256, bicubic) on the shorter side, CenterCrop(224), ToTensor, ImageNet Normalize (float64)."""
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(256 * long / short)
-    size = (256, new_long) if width == short else (new_long, 256)
-    image = image.resize(size, Image.BICUBIC)
-    top, left = int(round((size[1] - 224) / 2.0)), int(round((size[0] - 224) / 2.0))
-    pixels = np.asarray(image, dtype=np.float64)[top:top + 224, left:left + 224] / 255.0
-    pixels = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    return pixels.transpose(2, 0, 1)
+def _dino_by_hand(model_dir, generated, references, processor=None) -> float:
+    """Mean cosine of CLS embeddings: ViT's last_hidden_state[:, 0], DINOv2's pooler output (its CLS token after
+    the final layer norm); pixels from `processor`, by default the model's own transformers image processor."""
+    from transformers import AutoConfig, AutoImageProcessor, Dinov2Model, ViTModel
 
+    if AutoConfig.from_pretrained(model_dir).model_type == "dinov2":
+        model = Dinov2Model.from_pretrained(model_dir).eval()
 
-def _dino_by_hand(model_dir, generated, references) -> float:
-    from transformers import ViTModel
+        def cls_token(output):
+            return output.pooler_output
+    else:
+        model = ViTModel.from_pretrained(model_dir, add_pooling_layer=False).eval()
 
-    model = ViTModel.from_pretrained(model_dir, add_pooling_layer=False).eval()
+        def cls_token(output):
+            return output.last_hidden_state[:, 0]
+    processor = processor or AutoImageProcessor.from_pretrained(model_dir, backend="pil")
 
     def cls(images):
-        pixels = torch.tensor(np.stack([_dino_protocol(image) for image in images]), dtype=torch.float32)
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            return model(pixel_values=pixels).last_hidden_state[:, 0]
+            return cls_token(model(pixel_values=pixels))
 
     return float(_cosines(cls(generated), cls(references)).mean())
+
+
+def _protocol_processor(shortest_edge: int, crop: int):
+    """The DINO evaluation preprocessing as a transformers image processor: bicubic, centre crop, ImageNet."""
+    from transformers import BitImageProcessorPil
+    from transformers.image_utils import PILImageResampling
+
+    return BitImageProcessorPil(size={"shortest_edge": shortest_edge}, crop_size={"height": crop, "width": crop},
+                                resample=PILImageResampling.BICUBIC, image_mean=[0.485, 0.456, 0.406],
+                                image_std=[0.229, 0.224, 0.225])
+
+
+def _tiny_vit(folder: Path, image_size: int, processor=None) -> Path:
+    """A random 2-layer DINO-like ViT of `image_size` (8 px patches), with `processor` saved beside it if given."""
+    from transformers import ViTConfig, ViTModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(image_size)
+        model = ViTModel(ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=37), add_pooling_layer=False)
+    model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    return folder
 
 
 def _clip_by_hand(model_dir, generated, references, text: str) -> tuple[float, float, torch.Tensor]:
@@ -144,18 +169,117 @@ def test_strip_identifier_default_is_sks():
 # The metrics against their definitions
 
 
-def test_dino_preprocessing_is_the_dino_protocol(models, folders):
-    assert (DINO_RESIZE, DINO_CROP) == (256, 224)
+# The legacy preprocessor_config.json that facebook/dino-vits16 ships (a ViTFeatureExtractor: a square 224 px
+# bilinear resize, no crop, ImageNet mean/std).
+DINO_VITS16_PROCESSOR = {"do_normalize": True, "do_resize": True, "feature_extractor_type": "ViTFeatureExtractor",
+                         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 2,
+                         "size": 224}
+
+
+def _processor_folder(folder: Path, settings: dict) -> Path:
+    folder.mkdir()
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def processor_folders(models, tmp_path_factory):
+    """Folders whose image processor config boothkit must follow: the tiny DINO (ViTImageProcessor, 256/224
+    bicubic), the tiny DINOv2 (BitImageProcessor as facebook/dinov2-small), facebook/dino-vits16's legacy file,
+    the tiny CLIP (nested in processor_config.json, OpenAI mean/std) and a shorter side below the crop (padding)."""
+    root = tmp_path_factory.mktemp("processors")
+    padded = {"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 40},
+              "crop_size": {"height": 48, "width": 44}, "resample": 1, "do_normalize": False}
+    return {"dino": models["dino"], "dinov2": models["dinov2"], "clip": models["clip"],
+            "dino-vits16": _processor_folder(root / "dino-vits16", DINO_VITS16_PROCESSOR),
+            "padded": _processor_folder(root / "padded", padded)}
+
+
+@pytest.mark.parametrize("source", ["dino", "dinov2", "dino-vits16", "clip", "padded"])
+def test_preprocessing_equals_the_transformers_image_processor(processor_folders, folders, source):
+    from transformers import AutoImageProcessor
+
+    folder = str(processor_folders[source])
+    ours = model_preprocessing("DINO", folder, model_config=None)
+    reference = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    for image in _images(folders[0]) + _images(folders[1]):
+        expected = reference(images=[image], return_tensors="np")["pixel_values"][0]
+        pixels = ours.pixels(image)
+        assert pixels.dtype == np.float32 and pixels.shape == expected.shape == (3, *ours.output_size)
+        np.testing.assert_allclose(pixels, expected, atol=1e-5, rtol=0)
+
+
+def test_processor_settings_are_read(processor_folders):
+    bicubic, bilinear = int(Image.Resampling.BICUBIC), int(Image.Resampling.BILINEAR)
+    dinov2 = model_preprocessing("DINO", str(processor_folders["dinov2"]), model_config=None)
+    assert dinov2 == ImagePreprocessing(shortest_edge=256, resample=bicubic, crop=(224, 224))
+    vits16 = model_preprocessing("DINO", str(processor_folders["dino-vits16"]), model_config=None)
+    assert vits16 == ImagePreprocessing(resize_to=(224, 224), resample=bilinear, crop=None)
+    clip = model_preprocessing("DINO", str(processor_folders["clip"]), model_config=None)
+    assert clip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073)) and clip.crop == (32, 32)
+
+
+@pytest.mark.parametrize(("image_size", "shortest_edge"), [(224, 256), (32, 37), (518, 592)])
+def test_without_processor_config_the_dino_protocol_scales_to_image_size(tmp_path, folders, image_size,
+                                                                         shortest_edge):
+    from transformers import ViTConfig
+
+    (tmp_path / "config.json").write_text(ViTConfig(image_size=image_size).to_json_string())
+    ours = model_preprocessing("DINO", str(tmp_path), ViTConfig(image_size=image_size))
+    assert ours == ImagePreprocessing(shortest_edge=shortest_edge, crop=(image_size, image_size))
+    reference = _protocol_processor(shortest_edge, image_size)
     for image in _images(folders[0]):
-        ours = dino_pixels(image)
-        assert ours.shape == (3, 224, 224) and ours.dtype == np.float32
-        np.testing.assert_allclose(ours, _dino_protocol(image), atol=1e-5)
+        expected = reference(images=[image], return_tensors="np")["pixel_values"][0]
+        np.testing.assert_allclose(ours.pixels(image), expected, atol=1e-5, rtol=0)
 
 
-def test_dino_equals_definition(models, metrics, folders):
+@pytest.mark.parametrize("kind", ["dino", "dinov2"])
+def test_dino_equals_definition(models, folders, kind):
+    metrics = SubjectMetrics(str(models[kind]), str(models["clip"]), device="cpu")
     generated, references = _images(folders[0]), _images(folders[1])
     scores = metrics.score(generated, None, metrics.references(references))
-    assert scores["DINO"] == pytest.approx(_dino_by_hand(models["dino"], generated, references), abs=1e-5)
+    assert scores["DINO"] == pytest.approx(_dino_by_hand(models[kind], generated, references), abs=1e-5)
+
+
+def test_dinov2_is_loaded_as_dinov2(models):
+    from transformers import Dinov2Model
+
+    embedder = DinoEmbedder(str(models["dinov2"]), device="cpu")
+    assert isinstance(embedder.model, Dinov2Model) and embedder.preprocessing.output_size == (224, 224)
+
+
+def test_dino_of_another_image_size_scores(models, folders, tmp_path):
+    """A 32 px ViT scores: with its own processor config (shorter side 36, crop 32, bilinear) and without one
+    (DINO protocol at 32 px: shorter side 37, crop 32, bicubic, ImageNet)."""
+    from transformers import ViTImageProcessorPil
+
+    own = ViTImageProcessorPil(size={"shortest_edge": 36}, do_center_crop=True, crop_size={"height": 32, "width": 32})
+    cases = [(_tiny_vit(tmp_path / "vit32-own", 32, own), None),
+             (_tiny_vit(tmp_path / "vit32-bare", 32), _protocol_processor(37, 32))]
+    generated, references = _images(folders[0]), _images(folders[1])
+    for folder, processor in cases:
+        result = run_score(_config(models, folders, dino_model=str(folder)))
+        assert result["DINO"] == pytest.approx(_dino_by_hand(folder, generated, references, processor), abs=1e-5)
+
+
+def test_dino_preprocessing_errors_are_one_line(tmp_path):
+    from transformers import ViTImageProcessorPil
+
+    crop224 = ViTImageProcessorPil(size={"shortest_edge": 256}, do_center_crop=True,
+                                   crop_size={"height": 224, "width": 224})
+    no_crop = ViTImageProcessorPil(size={"shortest_edge": 32}, do_center_crop=False)
+    longest = ViTImageProcessorPil(size={"shortest_edge": 32, "longest_edge": 64}, do_center_crop=True,
+                                   crop_size={"height": 32, "width": 32})
+    cases = [
+        (crop224, "gives 224x224 images but the model's image_size is 32x32"),
+        (no_crop, "gives images of varying size"),
+        (longest, "unusable image processor config .*not supported"),
+    ]
+    for index, (processor, pattern) in enumerate(cases):
+        folder = _tiny_vit(tmp_path / str(index), 32, processor)
+        with pytest.raises(BoothkitError, match=pattern) as info:
+            DinoEmbedder(str(folder), device="cpu")
+        assert "\n" not in str(info.value)
 
 
 def test_clip_i_and_clip_t_equal_definition(models, metrics, folders):
@@ -164,7 +288,7 @@ def test_clip_i_and_clip_t_equal_definition(models, metrics, folders):
     clip_i, clip_t, _ = _clip_by_hand(models["clip"], generated, references, "a photo of dog in the snow")
     assert scores["CLIP-I"] == pytest.approx(clip_i, abs=1e-5)
     assert scores["CLIP-T"] == pytest.approx(clip_t, abs=1e-5)
-    assert (scores["n_images"], scores["n_references"]) == (4, 5)
+    assert (scores["n_images"], scores["n_references"]) == (5, 5)
 
 
 def test_keep_identifier_scores_the_prompt_as_written(models, metrics, folders):
@@ -226,10 +350,10 @@ def test_embeddings_are_unit_norm_and_batched(models, metrics, folders, monkeypa
     whole = metrics.dino.embed(generated)
     monkeypatch.setattr(module, "BATCH_SIZE", 3)
     chunked = metrics.dino.embed(generated)
-    assert whole.dtype == torch.float32 and whole.shape == (4, 32)
-    torch.testing.assert_close(whole.norm(dim=-1), torch.ones(4))
+    assert whole.dtype == torch.float32 and whole.shape == (5, 32)
+    torch.testing.assert_close(whole.norm(dim=-1), torch.ones(5))
     torch.testing.assert_close(whole, chunked, atol=1e-6, rtol=0)
-    torch.testing.assert_close(metrics.clip.embed_images(generated).norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(metrics.clip.embed_images(generated).norm(dim=-1), torch.ones(5))
 
 
 def test_long_texts_are_truncated(metrics):
@@ -296,10 +420,11 @@ def test_bad_model_paths(models, tmp_path):
         (DinoEmbedder, tmp_path / "missing", "cannot load DINO model .*: no such folder"),
         (DinoEmbedder, tmp_path / "empty", "cannot load DINO model .*: no model config"),
         (DinoEmbedder, models["dino"] / "config.json", "cannot load DINO model .*: is a file"),
-        (DinoEmbedder, models["clip"], "cannot load DINO model .*'clip' model, not 'vit'"),
+        (DinoEmbedder, models["clip"], "cannot load DINO model .*'clip' model, not 'vit' or 'dinov2'"),
         (DinoEmbedder, partial, "cannot load DINO model .*not a ViTModel checkpoint .*missing"),
         (ClipEmbedder, tmp_path / "missing", "cannot load CLIP model .*: no such folder"),
         (ClipEmbedder, models["dino"], "cannot load CLIP model .*'vit' model, not 'clip'"),
+        (ClipEmbedder, models["dinov2"], "cannot load CLIP model .*'dinov2' model, not 'clip'"),
         (ClipEmbedder, no_processor, "cannot load CLIP model .*no usable processor"),
     ]
     for embedder, path, pattern in cases:
@@ -315,11 +440,12 @@ def test_config_is_validated(models, folders):
         _config(models, folders, promt="typo")
 
 
-@pytest.mark.skipif(not hasattr(boothkit.cli, "_add_score"), reason="`boothkit score` is not registered in the CLI yet")
-def test_score_cli(run_cli, models, folders):
+@pytest.mark.parametrize("dino", ["dino", "dinov2"])
+def test_score_cli(run_cli, models, folders, dino):
+    """`boothkit score` is a registered command (an unknown one exits 2) and prints run_score's JSON."""
     result = run_cli("score", "--images", folders[0], "--references", folders[1], "--prompt", PROMPT,
-                     "--dino_model", models["dino"], "--clip_model", models["clip"])
+                     "--dino_model", models[dino], "--clip_model", models["clip"])
     assert result.code == 0, result.err
     scores = json.loads(result.out.strip().splitlines()[-1])
-    expected = run_score(_config(models, folders, prompt=PROMPT))
+    expected = run_score(_config(models, folders, prompt=PROMPT, dino_model=str(models[dino])))
     assert scores == pytest.approx(expected, abs=1e-6)

@@ -1,9 +1,14 @@
 """The DreamBooth evaluation metrics: DINO, CLIP-I and CLIP-T.
 
 * **DINO**: mean cosine similarity, over every (generated, reference) pair, of the CLS embeddings
-  (``last_hidden_state[:, 0]``) of a self-supervised ViT (default ``facebook/dino-vits16``). Images are
-  preprocessed here, with Pillow and numpy, as in the DINO evaluation protocol: the shorter side resized
-  to 256 (bicubic), a centred 224 crop, values in [0, 1] normalised with the ImageNet mean and std.
+  (``last_hidden_state[:, 0]``, after the final layer norm) of a self-supervised ViT: DINO (Caron et al. 2021,
+  ``ViTModel``, default ``facebook/dino-vits16``) or DINOv2 (Oquab et al. 2023, ``Dinov2Model``, e.g.
+  ``facebook/dinov2-small``), chosen by the ``model_type`` of the model's config.json. Images are preprocessed
+  here, with Pillow and numpy, as the model's own image processor (preprocessor_config.json) says: resize
+  (shorter side, or to a fixed height x width), centre crop, rescale, mean/std normalisation; the result
+  equals the transformers image processor's. A model without a processor config gets the DINO evaluation
+  protocol scaled to its ``image_size``: shorter side to round(image_size * 256 / 224) (bicubic), a centred
+  image_size crop, ImageNet mean and std (256/224 for a 224 px ViT).
 * **CLIP-I**: the same mean over pairs with CLIP image embeddings (default ``openai/clip-vit-base-patch32``,
   preprocessed by the model's own PIL image processor).
 * **CLIP-T**: mean over generated images of the cosine between the CLIP image embedding and the CLIP text
@@ -17,7 +22,7 @@ Reference embeddings are computed once per subject (`SubjectMetrics.references`)
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +32,8 @@ from PIL import Image
 
 from boothkit.errors import BoothkitError
 
-DINO_RESIZE: int = 256
-"""Shorter side of an image after the DINO evaluation resize (bicubic)."""
-
-DINO_CROP: int = 224
-"""Side of the centred square crop fed to the DINO ViT."""
+DINO_PROTOCOL_RESIZE_RATIO: float = 256 / 224
+"""DINO evaluation protocol: the shorter side is resized to 256 before a 224 crop; other sizes keep the ratio."""
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -70,22 +72,33 @@ def _load_error(what: str, name: str, error: BaseException | str) -> BoothkitErr
     return BoothkitError(f"cannot load {what} model '{name}': {text}")
 
 
-def _load_pretrained(what: str, model_class: Any, name: str, **kwargs: Any) -> Any:
-    """`model_class.from_pretrained(name)`, refusing checkpoints that leave weights uninitialised."""
+def _config_model_type(what: str, name: str) -> str:
+    """The ``model_type`` in the config.json of `name` (a folder or hub id), or a one-line `BoothkitError`."""
+    from transformers import PretrainedConfig
+
     if _is_missing_local_path(name):
         raise _load_error(what, name, "no such folder")
     if Path(name).expanduser().is_file():
         raise _load_error(what, name, "is a file; give the model's folder")
-    expected = model_class.config_class.model_type
     try:
-        found = model_class.config_class.get_config_dict(name)[0].get("model_type")
-        if found is None:
-            raise _load_error(what, name, "no model config (config.json with a model_type) found")
-        if found != expected:  # checked first: a wrong checkpoint would otherwise build a full random model
-            raise _load_error(what, name, f"its config is a {found!r} model, not {expected!r}")
-        model, info = model_class.from_pretrained(name, output_loading_info=True, **kwargs)
-    except BoothkitError:
-        raise
+        found = PretrainedConfig.get_config_dict(name)[0].get("model_type")
+    except Exception as error:  # transformers raises OSError, ValueError, ... for bad folders and ids
+        raise _load_error(what, name, error) from error
+    if found is None:
+        raise _load_error(what, name, "no model config (config.json with a model_type) found")
+    return found
+
+
+def _load_pretrained(what: str, name: str, classes: dict[str, tuple[Any, dict[str, Any]]], **kwargs: Any) -> Any:
+    """``from_pretrained(name)`` of the class that `classes` maps the config's model_type to (with its extra
+    keyword arguments), refusing other model types and checkpoints that leave weights uninitialised."""
+    found = _config_model_type(what, name)
+    if found not in classes:  # checked first: a wrong checkpoint would otherwise build a full random model
+        expected = " or ".join(repr(model_type) for model_type in classes)
+        raise _load_error(what, name, f"its config is a {found!r} model, not {expected}")
+    model_class, extra = classes[found]
+    try:
+        model, info = model_class.from_pretrained(name, output_loading_info=True, **extra, **kwargs)
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, ... for bad folders
         raise _load_error(what, name, error) from error
     missing = list(info.get("missing_keys") or [])
@@ -115,36 +128,144 @@ def _normalized(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
 
-def dino_pixels(image: Image.Image) -> np.ndarray:
-    """One image as the DINO evaluation protocol feeds it: float32 (3, 224, 224), ImageNet-normalised.
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """What turns a PIL image into a ViT's ``pixel_values``: the steps of a transformers PIL image processor.
 
-    Same as torchvision ``Resize(256, BICUBIC)``, ``CenterCrop(224)``, ``ToTensor()``, ``Normalize``.
+    In order: convert to RGB; resize (the shorter side to `shortest_edge`, the longer one scaled and floored, or
+    to exactly `resize_to` = (height, width); `resample` is a PIL filter); centre crop to `crop` = (height, width),
+    offsets floored and zero padding where the image is smaller, as transformers does (torchvision rounds the
+    offsets instead); multiply by `rescale_factor`; subtract `mean` and divide by `std` per channel.
+    A step whose setting is None is skipped. `source` says where the settings came from.
     """
-    image = image.convert("RGB")
-    width, height = image.size
-    if width <= height:
-        size = (DINO_RESIZE, int(DINO_RESIZE * height / width))
-    else:
-        size = (int(DINO_RESIZE * width / height), DINO_RESIZE)
-    resized = image.resize(size, Image.Resampling.BICUBIC)
-    left = int(round((size[0] - DINO_CROP) / 2.0))
-    top = int(round((size[1] - DINO_CROP) / 2.0))
-    cropped = resized.crop((left, top, left + DINO_CROP, top + DINO_CROP))
-    array = np.asarray(cropped, dtype=np.float32) / 255.0
-    array = (array - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    shortest_edge: int | None = None
+    resize_to: tuple[int, int] | None = None
+    resample: int = int(Image.Resampling.BICUBIC)
+    crop: tuple[int, int] | None = None
+    rescale_factor: float | None = 1 / 255
+    mean: tuple[float, ...] | None = IMAGENET_MEAN
+    std: tuple[float, ...] | None = IMAGENET_STD
+    source: str = field(default="", compare=False)
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every output, or None when it depends on the image (no crop, aspect-kept resize)."""
+        return self.crop or self.resize_to
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """float32 (3, height, width) model input for one image."""
+        image = image.convert("RGB")
+        width, height = image.size
+        if self.shortest_edge is not None:
+            short, long = min(width, height), max(width, height)
+            new_long = int(self.shortest_edge * long / short)
+            size = (self.shortest_edge, new_long) if width <= height else (new_long, self.shortest_edge)
+            image = image.resize(size, Image.Resampling(self.resample))
+        elif self.resize_to is not None:
+            image = image.resize(self.resize_to[::-1], Image.Resampling(self.resample))
+        array = np.asarray(image)
+        if self.crop is not None:
+            array = _center_crop(array, *self.crop)
+        array = array.astype(np.float64) * self.rescale_factor if self.rescale_factor is not None else array
+        array = array.astype(np.float32)
+        if self.mean is not None and self.std is not None:
+            array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The centred (height, width) window of an (H, W, C) array; zero padding centred (extra row/column first)
+    where the array is smaller, offsets floored: `transformers.image_transforms.center_crop`."""
+    pad_top, pad_left = max(0, -(-(height - array.shape[0]) // 2)), max(0, -(-(width - array.shape[1]) // 2))
+    if pad_top or pad_left:
+        padded = np.zeros((max(height, array.shape[0]), max(width, array.shape[1]), array.shape[2]), array.dtype)
+        padded[pad_top:pad_top + array.shape[0], pad_left:pad_left + array.shape[1]] = array
+        array = padded
+    top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
+    return array[top:top + height, left:left + width]
+
+
+def dino_protocol(image_size: int | tuple[int, int] = 224) -> ImagePreprocessing:
+    """The DINO evaluation preprocessing (Caron et al. 2021: Resize(256, bicubic), CenterCrop(224), ImageNet
+    mean/std) scaled to a ViT of `image_size`: shorter side round(image_size * 256 / 224), crop image_size."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return ImagePreprocessing(shortest_edge=round(min(height, width) * DINO_PROTOCOL_RESIZE_RATIO),
+                              crop=(int(height), int(width)),
+                              source=f"DINO protocol for image_size {image_size} (no image processor config)")
+
+
+def preprocessing_of(processor: Any, source: str = "") -> ImagePreprocessing:
+    """The `ImagePreprocessing` of a loaded transformers image processor (its resolved settings and defaults).
+
+    Raises ValueError for steps not reproduced here (other resize rules, padding).
+    """
+    shortest_edge = resize_to = crop = None
+    size = processor.size
+    if processor.do_resize:
+        if size.shortest_edge and not (size.longest_edge or size.height or size.width):
+            shortest_edge = int(size.shortest_edge)
+        elif size.height and size.width and not size.shortest_edge:
+            resize_to = (int(size.height), int(size.width))
+        else:
+            rule = ", ".join(f"{key} {value}" for key, value in vars(size).items() if value)
+            raise ValueError(f"resize rule '{rule}' is not supported (only shortest_edge, or height and width)")
+    if getattr(processor, "do_center_crop", None):
+        crop = (int(processor.crop_size.height), int(processor.crop_size.width))
+    if getattr(processor, "do_pad", None):
+        raise ValueError("padding is not supported")
+    normalize = bool(processor.do_normalize)
+    return ImagePreprocessing(
+        shortest_edge=shortest_edge, resize_to=resize_to,
+        resample=int(processor.resample if processor.resample is not None else Image.Resampling.BILINEAR),
+        crop=crop, rescale_factor=float(processor.rescale_factor) if processor.do_rescale else None,
+        mean=_channels(processor.image_mean) if normalize else None,
+        std=_channels(processor.image_std) if normalize else None, source=source,
+    )
+
+
+def _channels(value: float | list[float]) -> tuple[float, ...]:
+    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+
+
+def model_preprocessing(what: str, name: str, model_config: Any) -> ImagePreprocessing:
+    """The preprocessing of model `name`: its image processor config (preprocessor_config.json, or the
+    image_processor part of processor_config.json), else the DINO protocol at the config's ``image_size``."""
+    from transformers import AutoImageProcessor
+    from transformers.models.auto.image_processing_auto import get_image_processor_config
+
+    try:
+        if get_image_processor_config(name):
+            processor = AutoImageProcessor.from_pretrained(name, backend="pil")
+            return preprocessing_of(processor, f"image processor of {name}")
+    except Exception as error:  # malformed JSON, unknown processor class, unsupported steps
+        raise _load_error(what, name, f"unusable image processor config ({' '.join(str(error).split())})") from error
+    return dino_protocol(model_config.image_size)
+
+
+# model_type in config.json -> (transformers class name, from_pretrained keyword arguments, whether the input
+# must be exactly `image_size` square: ViT raises otherwise, DINOv2 interpolates its position embeddings).
+DINO_ARCHITECTURES: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "vit": ("ViTModel", {"add_pooling_layer": False}, True),
+    "dinov2": ("Dinov2Model", {}, False),
+}
 
 
 class DinoEmbedder:
-    """CLS embeddings of a DINO ViT (`transformers.ViTModel`), L2-normalised."""
+    """CLS embeddings of a DINO ViT (`ViTModel`) or DINOv2 (`Dinov2Model`), L2-normalised; images preprocessed
+    as `model_preprocessing` says."""
 
     def __init__(self, model_name_or_path: str = DEFAULT_DINO_MODEL, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
-        from transformers import ViTModel
+        import transformers
 
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype
-        model = _load_pretrained("DINO", ViTModel, model_name_or_path, add_pooling_layer=False, dtype=dtype)
+        classes = {model_type: (getattr(transformers, class_name), kwargs)
+                   for model_type, (class_name, kwargs, _) in DINO_ARCHITECTURES.items()}
+        model = _load_pretrained("DINO", model_name_or_path, classes, dtype=dtype)
+        self.preprocessing = model_preprocessing("DINO", model_name_or_path, model.config)
+        _check_input_size(model_name_or_path, model.config, self.preprocessing)
         self.model = model.to(self.device).eval()
 
     @torch.no_grad()
@@ -152,10 +273,22 @@ class DinoEmbedder:
         """(N, D) float32 CPU tensor of unit-norm CLS embeddings."""
         chunks = []
         for start in range(0, len(images), BATCH_SIZE):
-            pixels = np.stack([dino_pixels(image) for image in images[start:start + BATCH_SIZE]])
+            pixels = np.stack([self.preprocessing.pixels(image) for image in images[start:start + BATCH_SIZE]])
             batch = torch.from_numpy(pixels).to(self.device, self.dtype)
             chunks.append(_normalized(self.model(pixel_values=batch).last_hidden_state[:, 0]))
         return torch.cat(chunks) if chunks else torch.empty(0, self.model.config.hidden_size)
+
+
+def _check_input_size(name: str, config: Any, preprocessing: ImagePreprocessing) -> None:
+    """One line instead of the model's traceback when preprocessed images cannot be batched or fed to it."""
+    size = preprocessing.output_size
+    if size is None:
+        raise _load_error("DINO", name, f"its {preprocessing.source} gives images of varying size (no centre "
+                                        "crop or fixed resize)")
+    image_size = config.image_size if isinstance(config.image_size, (list, tuple)) else (config.image_size,) * 2
+    if DINO_ARCHITECTURES[config.model_type][2] and tuple(size) != tuple(image_size):
+        raise _load_error("DINO", name, f"its {preprocessing.source} gives {size[0]}x{size[1]} images but the "
+                                        f"model's image_size is {image_size[0]}x{image_size[1]}")
 
 
 class ClipEmbedder:
@@ -167,7 +300,7 @@ class ClipEmbedder:
 
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype
-        model = _load_pretrained("CLIP", CLIPModel, model_name_or_path, dtype=dtype)
+        model = _load_pretrained("CLIP", model_name_or_path, {"clip": (CLIPModel, {})}, dtype=dtype)
         self.model = model.to(self.device).eval()
         try:
             self.processor = AutoProcessor.from_pretrained(model_name_or_path, backend="pil")

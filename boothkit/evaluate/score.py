@@ -16,7 +16,7 @@ class ScoreConfig(CommandConfig):
     prompt: str | None = Field(None, description="Prompt of the generated images; gives CLIP-T.")
     identifier: str = Field("sks", pattern=r"^\S+$", description="Identifier word removed from the prompt for CLIP-T.")
     keep_identifier: bool = Field(False, description="Score CLIP-T against the prompt as written, identifier kept.")
-    dino_model: str = Field(DEFAULT_DINO_MODEL, description="Hub id or local folder of the DINO ViT.")
+    dino_model: str = Field(DEFAULT_DINO_MODEL, description="Hub id or local folder of the DINO ViT or DINOv2 model.")
     clip_model: str = Field(DEFAULT_CLIP_MODEL, description="Hub id or local folder of the CLIP model.")
 
 

@@ -11,6 +11,8 @@ transformers loads offline:
   DPM-Solver scheduler that the real SANA diffusers conversions save; 32 px is the natural resolution (the
   pipeline's own default is 1024 px, so pass height/width and `use_resolution_binning=False`).
 - ``dino``  `ViTModel` (ViT-S/16 geometry, tiny width) + a PIL image processor with the DINO eval preprocessing.
+- ``dinov2``  `Dinov2Model` (14 px patches, image_size 518 like ``facebook/dinov2-small``, tiny width) + the
+  `BitImageProcessor` settings of ``facebook/dinov2-small``: shorter side 256 (bicubic), crop 224, ImageNet mean/std.
 - ``clip``  `CLIPModel` + `CLIPProcessor` (PIL image processor, in-memory tokenizer).
 
 Tokenizers are built in memory: a byte-level CLIP BPE (every byte, so any text tokenizes, plus a few merges that
@@ -21,9 +23,10 @@ untouched, the same seed gives byte-identical safetensors files and another seed
 is under 3 MB and builds in well under a second. `build_sd_bench` writes an SD-1.5-shaped pipeline of reduced
 width (about 35 M UNet parameters, 512 px default) for benchmarks.
 
-The folder is built beside `out_dir` and renamed into place. An existing `out_dir` is replaced only when it is empty
-or an earlier build (it holds the marker file `.boothkit_tiny.json`, which also records kind and seed); any other
-existing path is left alone and a `BoothkitError` raised.
+The folder is built beside `out_dir` and moved into place. An existing `out_dir` is replaced only when it is empty
+or an earlier build (it holds the marker file `.boothkit_tiny.json`, which also records kind, seed and the files
+built): the earlier build's files are removed once the new one is complete, a file someone added beside them stays.
+Any other existing path is left alone and a `BoothkitError` raised.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Callable, Iterator
 from boothkit.errors import BoothkitError
 from boothkit.io import atomic_path
 
-TINY_KINDS: tuple[str, ...] = ("sd15", "sd21", "sdxl", "sana", "dino", "clip")
+TINY_KINDS: tuple[str, ...] = ("sd15", "sd21", "sdxl", "sana", "dino", "dinov2", "clip")
 _MARKER = ".boothkit_tiny.json"
 
 # SD 1.x / 2.x training noise schedule, as saved in the real checkpoints' scheduler configs.
@@ -57,6 +60,7 @@ def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
         "sdxl": _build_sdxl,
         "sana": _build_sana,
         "dino": _build_dino,
+        "dinov2": _build_dinov2,
         "clip": _build_clip,
     }
     if kind not in builders:
@@ -82,8 +86,29 @@ def _write(builder: Callable[[Path, int], None], out_dir: str | Path, seed: int,
     with atomic_path(target) as tmp:
         tmp.mkdir()
         builder(tmp, int(seed))
-        (tmp / _MARKER).write_text(json.dumps({"kind": kind, "seed": int(seed)}) + "\n", encoding="utf-8")
+        files = sorted(path.relative_to(tmp).as_posix() for path in tmp.rglob("*") if path.is_file())
+        marker = {"kind": kind, "seed": int(seed), "files": files}
+        (tmp / _MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        _remove_earlier_build(target)  # the new files are moved into the folder, which may be an earlier build
     return out
+
+
+def _remove_earlier_build(folder: Path) -> None:
+    """Delete the files an earlier build listed in its marker (every file for markers without a list), then the
+    folders that leaves empty."""
+    marker = folder / _MARKER
+    if not marker.is_file():
+        return
+    try:
+        listed = json.loads(marker.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        raise BoothkitError(f"'{marker}' is damaged; not replacing {folder}") from None
+    files = [folder / name for name in listed] if listed is not None else [p for p in folder.rglob("*") if p.is_file()]
+    for path in files + [marker]:
+        path.unlink(missing_ok=True)
+    for directory in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(directory.iterdir()):
+            directory.rmdir()
 
 
 @contextlib.contextmanager
@@ -345,6 +370,31 @@ def _build_dino(out: Path, seed: int) -> None:
         resample=PILImageResampling.BICUBIC,
         do_center_crop=True,
         crop_size={"height": 224, "width": 224},
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+    )
+    processor.save_pretrained(out)
+
+
+def _build_dinov2(out: Path, seed: int) -> None:
+    """DINOv2-shaped `Dinov2Model` (14 px patches, position embeddings for 518 px that it interpolates to the
+    224 px crops) + the PIL `BitImageProcessor` that ``facebook/dinov2-small`` ships."""
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
+    config = Dinov2Config(
+        image_size=518, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+    )
+    with _seeded(seed, 0):
+        model = Dinov2Model(config)
+    model.save_pretrained(out)
+    processor = BitImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": 256},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": 224, "width": 224},
+        do_convert_rgb=True,
         image_mean=list(IMAGENET_DEFAULT_MEAN),
         image_std=list(IMAGENET_DEFAULT_STD),
     )
