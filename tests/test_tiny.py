@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ MAIN_WEIGHTS = {
     "sdxl": "unet/diffusion_pytorch_model.safetensors",
     "sana": "transformer/diffusion_pytorch_model.safetensors",
     "dino": "model.safetensors",
+    "dinov2": "model.safetensors",
     "clip": "model.safetensors",
 }
 
@@ -39,8 +42,54 @@ def _folder_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def test_kinds_listed():
-    assert set(TINY_KINDS) == set(MAIN_WEIGHTS)
+def _run_pipeline(folder) -> np.ndarray:
+    """Load a diffusers folder with `DiffusionPipeline` (every component of model_index.json with the class it
+    names) and generate one image with one step."""
+    import inspect
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    for name, spec in json.loads((folder / "model_index.json").read_text()).items():
+        if not name.startswith("_") and isinstance(spec, list) and spec[1] is not None:
+            assert type(getattr(pipe, name)).__name__ == spec[1], name
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    size = denoiser.config.sample_size * pipe.vae_scale_factor
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in inspect.signature(pipe).parameters else {}
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a sks dog", num_inference_steps=1, height=size, width=size, output_type="np",
+                generator=_generator(), **extra).images
+
+
+def _run_transformers_model(folder) -> list[torch.Tensor]:
+    """Load a transformers folder with `AutoModel` (no weight left random) and its image processor (and tokenizer
+    when the model has a text tower), and embed a photo (and a text)."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"], info["missing_keys"]
+    pixels = AutoImageProcessor.from_pretrained(folder)(images=[_photo()], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        if hasattr(model, "get_text_features"):
+            tokens = AutoTokenizer.from_pretrained(folder)(["a sks dog"], return_tensors="pt")
+            return [model.get_image_features(pixel_values=pixels).pooler_output,
+                    model.get_text_features(**tokens).pooler_output]
+        return [model.eval()(pixel_values=pixels).last_hidden_state]
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_every_listed_kind_builds_loads_and_runs(tiny, kind):
+    """Each kind `boothkit tiny` offers builds, loads with the standard `from_pretrained` and produces finite
+    output: a kind listed without a builder, or whose folder lacks a file its loader needs, fails here."""
+    folder = tiny[kind]
+    assert json.loads((folder / ".boothkit_tiny.json").read_text())["kind"] == kind
+    if (folder / "model_index.json").is_file():
+        outputs = [_run_pipeline(folder)]
+    else:
+        outputs = _run_transformers_model(folder)
+    for output in outputs:
+        assert output.size != 0 if isinstance(output, np.ndarray) else output.numel() != 0
+        assert np.isfinite(np.asarray(output)).all()
 
 
 def test_unknown_kind_raises(tmp_path):
@@ -56,8 +105,13 @@ def test_replaces_only_empty_folders_and_earlier_builds(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert build_tiny("dino", empty) == empty
-    assert build_tiny("clip", empty, seed=3) == empty  # an earlier build is replaced whole
+    (empty / "notes.txt").write_text("mine")
+    assert build_tiny("clip", empty, seed=3) == empty  # the earlier build's files are replaced, not merged
     assert not (empty / "preprocessor_config.json").exists() and (empty / "processor_config.json").exists()
+    assert (empty / "notes.txt").read_text() == "mine"
+    assert build_tiny("sd15", empty) == empty and build_tiny("dino", empty) == empty
+    assert sorted(p.name for p in empty.iterdir()) == sorted(
+        [".boothkit_tiny.json", "config.json", "model.safetensors", "notes.txt", "preprocessor_config.json"])
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -133,6 +187,24 @@ def test_dino_embeds_images(tiny):
         cls = model(pixel_values=pixels).last_hidden_state[:, 0]
     assert cls.shape == (2, model.config.hidden_size)
     assert torch.isfinite(cls).all()
+
+
+def test_dinov2_is_shaped_like_dinov2_small(tiny):
+    """facebook/dinov2-small: 14 px patches, position embeddings for 518 px, BitImageProcessor with shorter side
+    256 (bicubic), 224 crop, ImageNet mean/std; 224 px inputs give 16 x 16 patches + the CLS token."""
+    from transformers import AutoImageProcessor, Dinov2Model
+
+    model = Dinov2Model.from_pretrained(tiny["dinov2"]).eval()
+    assert (model.config.patch_size, model.config.image_size) == (14, 518)
+    processor = AutoImageProcessor.from_pretrained(tiny["dinov2"])
+    assert type(processor).__name__.startswith("BitImageProcessor")
+    assert (processor.size.shortest_edge, processor.crop_size.height, processor.crop_size.width) == (256, 224, 224)
+    assert int(processor.resample) == int(Image.Resampling.BICUBIC)
+    assert tuple(processor.image_mean) == (0.485, 0.456, 0.406) and tuple(processor.image_std) == (0.229, 0.224, 0.225)
+    pixels = processor(images=[_photo(), _photo(30, 50)], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels).last_hidden_state
+    assert hidden.shape == (2, 16 * 16 + 1, model.config.hidden_size) and torch.isfinite(hidden).all()
 
 
 def test_clip_embeds_text_and_images(tiny):
