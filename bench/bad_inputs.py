@@ -329,7 +329,8 @@ class Workspace:
         if name not in self._built:
             path = (where or self.shared) / name
             try:
-                build(path)
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    build(path)
                 self._built[name] = path
             except Exception as error:  # noqa: BLE001
                 self._built[name] = error
@@ -502,6 +503,14 @@ def ag_has_its_own_default(c: Ctx, out: str, err: str) -> str | None:
     return None if 1.0 <= scale <= 3.0 else f"--method ag defaulted λ to {scale} (AG's useful range is about 1-3)"
 
 
+def files_follow_the_umask(c: Ctx, out: str, err: str) -> str | None:
+    mask = os.umask(0)
+    os.umask(mask)
+    wrong = [f"{path.relative_to(c.dir)} ({oct(path.stat().st_mode & 0o777)})" for path in (c.dir / "out").rglob("*")
+             if path.is_file() and path.stat().st_mode & 0o777 != 0o666 & ~mask]
+    return f"files not written with the umask {oct(mask)}: {wrong[:3]}" if wrong else None
+
+
 def score_is_finite(c: Ctx, out: str, err: str) -> str | None:
     scores = json.loads(out.strip().splitlines()[-1])
     bad = {key: value for key, value in scores.items() if isinstance(value, float) and not math.isfinite(value)}
@@ -535,6 +544,7 @@ def _photo_folder(c: Ctx, *kinds: str) -> Path:
 
 
 def _train_input_cases() -> None:
+    case("train", "plain run (files follow the user's umask)", "ok", lambda c: _train(c), check=files_follow_the_umask)
     case("train", "missing instance folder", "error", lambda c: _train(c, photos=c.dir / "no_such_folder"))
     case("train", "empty instance folder", "error", lambda c: _train(c, photos=c.folder("photos", {})))
     case("train", "folder of non-images", "error",
