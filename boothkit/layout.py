@@ -209,17 +209,6 @@ class OutputFolder:
             self.files |= new
             self._save_manifest()
 
-
-def may_write(root: str | os.PathLike, relative: str | os.PathLike) -> bool:
-    """For processes that do not hold the folder's lock (other ranks of a distributed run): True when the path
-    is new or boothkit's own according to the manifest on disk."""
-    root = Path(root).expanduser()
-    target = root / relative
-    if not (target.exists() or target.is_symlink()):
-        return True
-    manifest = read_manifest(root)
-    return manifest is not None and Path(relative).as_posix() in manifest["files"]
-
     # Deleting (only what the manifest lists) -------------------------------------------------------------
     def remove(self, prefix: str | os.PathLike = "") -> int:
         """Remove boothkit's files at or below `prefix` ("" = all), then folders this left empty. Returns the
@@ -253,6 +242,17 @@ def may_write(root: str | os.PathLike, relative: str | os.PathLike) -> bool:
 
     def folder(self, relative: str | os.PathLike) -> "SubFolder":
         return SubFolder(self, Path(relative))
+
+
+def may_write(root: str | os.PathLike, relative: str | os.PathLike) -> bool:
+    """For processes that do not hold the folder's lock (other ranks of a distributed run): True when the path
+    is new or boothkit's own according to the manifest on disk."""
+    root = Path(root).expanduser()
+    target = root / relative
+    if not (target.exists() or target.is_symlink()):
+        return True
+    manifest = read_manifest(root)
+    return manifest is not None and Path(relative).as_posix() in manifest["files"]
 
 
 class SubFolder:
