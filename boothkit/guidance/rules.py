@@ -73,6 +73,17 @@ class Guidance:
         return any(branch.model == "weak" for branch in self.branches)
 
 
+AG_DEFAULT_SCALE = 2.0
+"""λ of CFG + AutoGuidance when none is given: λ scales the difference between two CFG outputs, so its useful
+range is about 1–3 (Karras et al. 2024 report 2–3 for their models; the seed and our demo use 2.0)."""
+
+
+def default_guidance_scale(method: Method, family_default: float) -> float:
+    """λ when `--guidance_scale` is not given: the family's CFG scale for cfg and wig (WIG with ω = 1 *is* CFG,
+    so the same λ is its natural starting point), `AG_DEFAULT_SCALE` for ag; `none` does not use λ."""
+    return AG_DEFAULT_SCALE if method == "ag" else family_default
+
+
 def make_guidance(method: Method, guidance_scale: float, cfg_scale: float = 7.5, omega: float = 1.0) -> Guidance:
     """The `Guidance` for `--method`, with λ = guidance_scale, s = cfg_scale (ag) and ω = omega (wig)."""
     if method == "cfg":

@@ -33,8 +33,15 @@ def scheduler_class(name: str) -> type:
 
 
 def make_scheduler(name: str, model_scheduler_config: dict, **overrides):
-    """A fresh scheduler of `name` configured from the model's own scheduler config (betas, prediction type)."""
+    """A fresh scheduler of `name` configured from the model's own scheduler config (betas, prediction type).
+
+    Flow-matching schedulers take the model's time shift: SANA's config names it `flow_shift` (a DPM-Solver
+    option), FlowMatchEulerDiscreteScheduler calls it `shift`; without the mapping `flow_euler` would sample a
+    SANA model with shift 1.0 instead of its own (3.0 for the 1024 px models).
+    """
+    shift = model_scheduler_config.get("flow_shift") or model_scheduler_config.get("shift") or 1.0
     if name.lower() == "flow_dpm":
-        shift = model_scheduler_config.get("flow_shift") or model_scheduler_config.get("shift") or 1.0
         overrides = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift, **overrides}
+    elif scheduler_class(name).__name__ == "FlowMatchEulerDiscreteScheduler":
+        overrides = {"shift": shift, **overrides}
     return scheduler_class(name).from_config(model_scheduler_config, **overrides)
