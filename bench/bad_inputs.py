@@ -441,7 +441,7 @@ def sample_argv(ws: Workspace, out: Path, *extra, lora: Path | None | str = "sd1
 
 
 def evaluate_argv(ws: Workspace, layout: dict[str, Path], out: Path, *extra) -> list:
-    return ["evaluate", "--pretrained_model_path", ws.sd15, "--lora_base_dir", layout["loras"],
+    return ["evaluate", "--pretrained_model_name_or_path", ws.sd15, "--lora_base_dir", layout["loras"],
             "--instance_data_dir", layout["instance"], "--evaluation_prompts_path", layout["prompts"],
             "--output_dir", out, "--dino_model", ws.model("dino"), "--clip_model", ws.model("clip"),
             "--num_inference_steps", 2, "--height", 32, "--width", 32, "--max_prompts", 1, *extra]
@@ -766,8 +766,8 @@ def _evaluate(c: Ctx, *extra, layout: dict | None = None, out: Path | None = Non
 
 def _evaluate_cases() -> None:
     case("evaluate", "plain cfg", "ok", lambda c: _evaluate(c))
-    case("evaluate", "--pretrained_model_name_or_path (the name train/sample use)", "ok",
-         lambda c: [{"--pretrained_model_path": "--pretrained_model_name_or_path"}.get(arg, arg) for arg in _evaluate(c)],
+    case("evaluate", "the old flag name --pretrained_model_path (a hidden alias)", "ok",
+         lambda c: [{"--pretrained_model_name_or_path": "--pretrained_model_path"}.get(arg, arg) for arg in _evaluate(c)],
          note="issue 9 §6")
     case("evaluate", "--method ag with --weak_checkpoint_path", "ok", lambda c: _evaluate(
         c, "--method", "ag", "--weak_checkpoint_path", c.ws.lora() / "weak", layout=own_layout(c, weak=False)),
@@ -798,6 +798,8 @@ def _evaluate_cases() -> None:
 def _evaluate_output_cases() -> None:
     case("evaluate", "output folder with user files, no --overwrite", "error",
          lambda c: _evaluate(c, out=c.user_files(c.dir / "out", *USER_FILES)))
+    case("evaluate", "output folder with user files, --overwrite (they survive)", "ok",
+         lambda c: _evaluate(c, "--overwrite", out=c.user_files(c.dir / "out", "notes.txt", "dog2/notes.txt")))
     case("evaluate", "--overwrite an earlier evaluation holding user files (they survive)", "ok",
          lambda c: _evaluate(c, "--overwrite", out=c.user_files(c.copy(c.ws.run("evaluate")), "notes.txt",
                                                                 "dog2/notes.txt", "dog2/my_photo.jpg")))
