@@ -1,10 +1,10 @@
-"""`boothkit evaluate` options (the seed's flags, plus the sampler's)."""
+"""`boothkit evaluate` options (the seed's flags, plus the sampler's). Light: no torch import."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from boothkit.config import ModelSourceOptions
 from boothkit.guidance.config import SamplerOptions
@@ -13,14 +13,25 @@ DEFAULT_OMEGA_GRID = [round(0.1 * step, 1) for step in range(11)]
 
 
 class EvaluateConfig(ModelSourceOptions, SamplerOptions):
-    """λ defaults to the family's when not optimized; the seeds are the same at every λ and ω."""
+    """λ defaults to the method's when not optimized; the seeds are the same at every λ and ω."""
 
-    pretrained_model_path: str = Field(description="Hub id or local folder of the base pipeline.")
+    pretrained_model_name_or_path: str = Field(
+        description="Hub id or local folder of the base pipeline.",
+        # The seed's name, kept as a hidden alias (flag and config-file key).
+        validation_alias=AliasChoices("pretrained_model_name_or_path", "pretrained_model_path"))
     lora_base_dir: str = Field(description="One LoRA folder per subject (with weak/ for --method ag).")
+    weak_checkpoint_path: str | None = Field(
+        None, description="--method ag: the weak LoRA (a folder or file) when one subject is evaluated, or a "
+                          "folder holding one weak LoRA folder per subject folder (default: "
+                          "LORA_BASE_DIR/<folder>/weak).")
     instance_data_dir: str = Field(description="One folder of reference photos per subject.")
     evaluation_prompts_path: str = Field(description="Prompts: the seed's JSON, a per-subject JSON, or "
                                                      "prompts_and_classes.txt.")
-    output_dir: str = Field(description="Images, caches, evaluation_summary.csv, results.json, report.html.")
+    output_dir: str = Field(description="Images, caches, evaluation_summary.csv, results.json, report.html; reused by "
+                                        "later runs (several methods may be evaluated into one folder).")
+    overwrite: bool = Field(False, description="Remove what boothkit wrote in output_dir first (its cache too), or "
+                                               "write into a non-empty folder boothkit did not create (none of its "
+                                               "files is removed or replaced).")
     method: Literal["cfg", "ag", "wig"] = Field("cfg", description="Guidance method.")
     omega: float = Field(0.5, ge=0.0, le=1.0, description="ω of WIG when not optimized.")
     lambda_range: tuple[float, float] = Field((-10.0, 10.0), description="Search interval of λ.")

@@ -1,119 +1,124 @@
-"""Evaluation outputs: final images per subject, evaluation_summary.csv, results.json and report.html."""
+"""What an evaluation folder holds for the user: the best images of each subject and method, `results.json`
+with every method evaluated there, `evaluation_summary.csv` and the report comparing the methods.
+
+Evaluating another method into the same folder adds it; evaluating a method again replaces that method's
+results and best images (file by file, among boothkit's own files only).
+"""
 
 from __future__ import annotations
 
 import csv
-import html
 import io
+import json
+import logging
 import shutil
-from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-import matplotlib
+from boothkit.evaluate.report import REPORT_NAME, write_report
+from boothkit.evaluate.results import MethodResults
+from boothkit.evaluate.store import CACHE_DIR, SUBJECTS_DIR, CacheStore
+from boothkit.io import atomic_path, write_json_atomic, write_text_atomic
+from boothkit.layout import OutputFolder
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from boothkit.evaluate.config import EvaluateConfig  # noqa: E402
-from boothkit.io import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
-
-SUMMARY_NAME, RESULTS_NAME, REPORT_NAME = "evaluation_summary.csv", "results.json", "report.html"
+log = logging.getLogger(__name__)
+SUMMARY_NAME, RESULTS_NAME = "evaluation_summary.csv", "results.json"
 
 
-def write_outputs(config: EvaluateConfig, results: list, evaluator) -> None:
-    output_dir = Path(config.output_dir)
-    for result in results:
-        _copy_final_images(evaluator.cache_dir(result.folder) / result.best["key"], result, output_dir)
-    write_text_atomic(output_dir / SUMMARY_NAME, summary_csv(config, results))
-    write_json_atomic(output_dir / RESULTS_NAME, {
-        "settings": config.model_dump(), "subjects": [asdict(result) for result in results],
-    })
-    write_report(output_dir, config, results)
+def best_image(folder: str, method: str, name: str) -> PurePosixPath:
+    """Where a best image lives in the evaluation folder: `<subject folder>/<method>/NNNN_<prompt-slug>.png`."""
+    return PurePosixPath(folder, method, name)
 
 
-def _copy_final_images(cache: Path, result, output_dir: Path) -> None:
-    """The best evaluation's images as `output_dir/<folder>/NNNN_<prompt-slug>.png` (replaced atomically)."""
-    with atomic_path(output_dir / result.folder) as staging:
-        staging.mkdir()
-        for name in result.best["images"]:
-            shutil.copyfile(cache / name, staging / name)
+def _read_methods(root: Path) -> dict[str, dict]:
+    """results.json's methods as JSON, by method ({} when there is none)."""
+    path = root / RESULTS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        methods = json.loads(path.read_text(encoding="utf-8"))["methods"]
+        if not isinstance(methods, dict):
+            raise TypeError("methods is not a mapping")
+        return methods
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("'%s' is unreadable or from an older boothkit; it is replaced, and methods evaluated there "
+                    "earlier must be evaluated again (their cached evaluations answer at once)", path)
+        return {}
 
 
-def summary_rows(config: EvaluateConfig, results: list) -> list[dict]:
+def read_runs(root: Path) -> dict[str, MethodResults]:
+    """The methods already evaluated into `root` (its results.json), by method."""
+    return {method: MethodResults.from_json(data) for method, data in _read_methods(root).items()}
+
+
+def write_outputs(folder: OutputFolder, run: MethodResults, cache: CacheStore) -> list[MethodResults]:
+    """Add `run` to the folder's results (replacing an earlier run of its method); returns every method's.
+
+    When the folder already holds exactly these results, with their images and reports, nothing is rewritten
+    (a fully cached re-run then takes a fraction of a second: drawing the report's plots takes longer)."""
+    methods = _read_methods(folder.root)
+    if methods.get(run.method) == json.loads(json.dumps(run.to_json())) and _outputs_present(folder, run):
+        return [MethodResults.from_json(data) for data in methods.values()]
+    runs = {method: MethodResults.from_json(data) for method, data in methods.items()}
+    stale = _copy_best_images(folder, run, cache)
+    runs[run.method] = run
+    everything = list(runs.values())
+    write_json_atomic(folder.path(RESULTS_NAME), {"methods": {r.method: r.to_json() for r in everything}})
+    write_text_atomic(folder.path(SUMMARY_NAME), summary_csv(everything))
+    write_report(folder, everything)
+    for name in stale:  # last: until the new results are written, the old ones keep their images
+        folder.remove(name)
+    return everything
+
+
+def _outputs_present(folder: OutputFolder, run: MethodResults) -> bool:
+    names = [RESULTS_NAME, SUMMARY_NAME, REPORT_NAME] + [
+        best_image(subject.folder, run.method, name).as_posix() for subject in run.subjects
+        for name in subject.best.images]
+    return all(folder.owns(name) and (folder.root / name).is_file() for name in names)
+
+
+def _copy_best_images(folder: OutputFolder, run: MethodResults, cache: CacheStore) -> list[str]:
+    """Copy each subject's best images out of the cache; return boothkit's earlier images of this method that
+    the new results do not list."""
+    written = set()
+    for subject in run.subjects:
+        source = cache.path(subject.folder, subject.best.key)
+        for name in subject.best.images:
+            target = best_image(subject.folder, run.method, name)
+            with atomic_path(folder.path(target)) as staging:
+                shutil.copyfile(source / name, staging)
+            written.add(target.as_posix())
+    return sorted(name for name in folder.files if _is_best_image(name, run.method) and name not in written)
+
+
+def _is_best_image(name: str, method: str) -> bool:
+    """`<subject folder>/<method>/<file>`, outside boothkit's own folders (cache/, subjects/)."""
+    parts = PurePosixPath(name).parts
+    return len(parts) == 3 and parts[1] == method and parts[0] not in (CACHE_DIR, SUBJECTS_DIR)
+
+
+def summary_rows(runs: list[MethodResults]) -> list[dict]:
+    """One row per (subject, method), subjects in folder order: the best evaluation's scores and setting."""
+    with_omega = any(run.method == "wig" for run in runs)
     rows = []
-    for result in results:
-        scores, setting = result.best["scores"], result.best["setting"]
-        row = {"subject": result.folder, "num_prompts": len(result.prompts),
-               **{metric: f"{scores[metric]:.6f}" if scores.get(metric) is not None else "" for metric in
-                  ("CLIP-I", "CLIP-T", "DINO")},
-               "guidance_scale": f"{setting['guidance_scale']:.6g}"}
-        if config.method == "wig":
-            row["omega"] = f"{setting['omega']:.6g}"
-        rows.append(row)
-    return rows
+    for run in runs:
+        for subject in run.subjects:
+            scores, setting = subject.best.scores, subject.best.setting
+            row = {"subject": subject.folder, "method": run.method, "num_prompts": len(subject.prompts),
+                   **{metric: "" if scores.get(metric) is None else f"{scores[metric]:.6f}"
+                      for metric in ("CLIP-I", "CLIP-T", "DINO")},
+                   "guidance_scale": f"{setting.guidance_scale:.6g}"}
+            if with_omega:
+                row["omega"] = "" if setting.omega is None else f"{setting.omega:.6g}"
+            rows.append(row)
+    order = {run.method: index for index, run in enumerate(runs)}
+    return sorted(rows, key=lambda row: (row["subject"], order[row["method"]]))
 
 
-def summary_csv(config: EvaluateConfig, results: list) -> str:
-    rows = summary_rows(config, results)
+def summary_csv(runs: list[MethodResults]) -> str:
+    rows = summary_rows(runs)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _plot(path: Path, title: str, x_label: str, series: dict[str, tuple[list, list]]) -> None:
-    figure, axis = plt.subplots(figsize=(5, 3.2), dpi=100)
-    for label, (xs, ys) in series.items():
-        order = sorted(range(len(xs)), key=xs.__getitem__)
-        axis.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", markersize=3, label=label)
-    axis.set_title(title)
-    axis.set_xlabel(x_label)
-    axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as staging:
-        figure.savefig(staging, format="png")
-    plt.close(figure)
-
-
-def _subject_plots(output_dir: Path, result) -> list[str]:
-    plots = []
-    history = [row for row in result.history if row["DINO"] is not None]
-    if len({row["guidance_scale"] for row in history}) > 1:
-        name = f"plots/{result.folder}_lambda.png"
-        _plot(output_dir / name, f"{result.folder}: λ → DINO", "λ (guidance_scale)",
-              {"DINO": ([r["guidance_scale"] for r in history], [r["DINO"] for r in history])})
-        plots.append(name)
-    if result.omega_table:
-        name = f"plots/{result.folder}_omega.png"
-        table = result.omega_table
-        _plot(output_dir / name, f"{result.folder}: ω → scores (best λ at each ω)", "ω",
-              {metric: ([r["omega"] for r in table], [r[metric] for r in table]) for metric in ("DINO", "CLIP-T")
-               if all(r[metric] is not None for r in table)})
-        plots.append(name)
-    return plots
-
-
-def write_report(output_dir: Path, config: EvaluateConfig, results: list) -> None:
-    """report.html: the summary table, then per subject its plots and its image grid."""
-    rows = summary_rows(config, results)
-    head = "".join(f"<th>{html.escape(column)}</th>" for column in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>" for row in rows)
-    sections = []
-    for result in results:
-        plots = "".join(f'<img class="plot" src="{html.escape(p)}">' for p in _subject_plots(output_dir, result))
-        grid = "".join(
-            f'<figure><img src="{html.escape(result.folder)}/{html.escape(name)}"><figcaption>'
-            f'{html.escape(prompt["prompt"])}<br>DINO {prompt["DINO"]:.3f}</figcaption></figure>'
-            for prompt in result.best["per_prompt"] for name in prompt["files"])
-        sections.append(f"<h2>{html.escape(result.folder)} ({html.escape(result.subject)})</h2>{plots}"
-                        f'<div class="grid">{grid}</div>')
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>boothkit evaluation</title><style>"
-            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-            "padding:4px 8px}.grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:160px;font-size:11px}"
-            "figure img{width:160px;image-rendering:pixelated}.plot{max-width:480px;margin:8px}</style></head><body>"
-            f"<h1>boothkit evaluation — method {html.escape(config.method)}</h1>"
-            f"<p>model {html.escape(config.pretrained_model_path)}; optimize {html.escape(config.optimize)}</p>"
-            f"<table><tr>{head}</tr>{body}</table>{''.join(sections)}</body></html>")
-    write_text_atomic(output_dir / REPORT_NAME, page)

@@ -1,128 +1,61 @@
-"""Per subject: evaluate one setting, or search λ (golden section) and ω (grid) for the best DINO score."""
+"""Per subject, the search for the best DINO score: one setting, a golden-section search over λ, a grid over ω
+(WIG), or a λ search at each ω of the grid."""
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Protocol
 
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
-from boothkit.data.images import list_image_files
-from boothkit.errors import BoothkitError
 from boothkit.evaluate.config import EvaluateConfig
-from boothkit.evaluate.dataset import SubjectEntry, discover_subjects
-from boothkit.evaluate.runner import METRICS, Evaluation, Evaluator, Setting
-from boothkit.guidance.adapters import lora_file
-from boothkit.io import write_json_atomic
-from boothkit.tune import GOLDEN_RATIO, golden_section_search
-
-log = logging.getLogger(__name__)
+from boothkit.evaluate.results import Evaluation, Setting, SubjectResult, best_by_dino
+from boothkit.evaluate.subjects import Subject
+from boothkit.guidance.rules import default_guidance_scale
+from boothkit.tune import golden_section_evaluations, golden_section_search
 
 
-@dataclass
-class SubjectResult:
-    folder: str
-    subject: str
-    prompts: list[str]
-    best: dict  # the best evaluation: setting, scores, per-prompt scores, image files, cache key
-    history: list[dict]  # every evaluation in order: guidance_scale, omega, DINO, CLIP-I, CLIP-T
-    omega_table: list[dict] | None  # per ω: the best λ there and its scores (ω sweeps only)
+class Objective(Protocol):
+    config: EvaluateConfig
 
-
-def _row(evaluation: Evaluation) -> dict:
-    return {"guidance_scale": evaluation.setting.guidance_scale, "omega": evaluation.setting.omega,
-            **{metric: evaluation.scores.get(metric) for metric in METRICS}}
+    def evaluate(self, subject: Subject, setting: Setting) -> Evaluation: ...
 
 
 def expected_evaluations(config: EvaluateConfig) -> int:
-    """Evaluations of one subject's search, for the progress bar."""
+    """Evaluations of one subject's search (the progress bar's total)."""
     low, high = config.lambda_range
-    golden = 2 + max(0, math.ceil(math.log(config.tolerance / (high - low)) / math.log(GOLDEN_RATIO)))
-    if config.max_evaluations:
-        golden = min(golden, config.max_evaluations)
+    golden = golden_section_evaluations(low, high, config.tolerance, config.max_evaluations)
     return {"none": 1, "lambda": golden, "omega": len(config.omega_grid),
             "both": golden * len(config.omega_grid)}[config.optimize]
 
 
-def search_subject(evaluator: Evaluator, entry: SubjectEntry) -> SubjectResult:
+def search_subject(evaluator: Objective, subject: Subject, family_guidance_scale: float) -> SubjectResult:
+    """Every evaluation the search makes for `subject`, in order, and the best by DINO. λ, when not searched,
+    is `--guidance_scale`, else the method's default (`family_guidance_scale`: the family's CFG scale)."""
     config = evaluator.config
     history: list[Evaluation] = []
-    bar = tqdm(total=expected_evaluations(config), desc=f"evaluations ({entry.folder})", unit="eval", leave=False)
+    bar = tqdm(total=expected_evaluations(config), desc=f"evaluations ({subject.folder})", unit="eval", leave=False)
 
-    def evaluate(setting: Setting) -> float:
-        evaluation = evaluator.evaluate(entry, setting)
+    def dino_at(setting: Setting) -> float:
+        evaluation = evaluator.evaluate(subject, setting)
         history.append(evaluation)
+        dino = evaluation.scores.get("DINO")
         bar.update(1)
-        bar.set_postfix(λ=f"{setting.guidance_scale:.3f}", DINO=f"{evaluation.scores['DINO']:.4f}")
-        return evaluation.scores["DINO"]
+        bar.set_postfix(λ=f"{setting.guidance_scale:.3f}", DINO="-" if dino is None else f"{dino:.4f}")
+        return float("nan") if dino is None else dino
 
-    wig = config.method == "wig"
-    default_lambda, default_omega = evaluator.default_guidance_scale(), config.omega if wig else None
-    omegas = config.omega_grid if config.optimize in ("omega", "both") else [default_omega]
-    for omega in omegas:
-        if config.optimize in ("lambda", "both"):
-            low, high = config.lambda_range
-            golden_section_search(lambda lam: evaluate(Setting(lam, omega)), low, high,
-                                  tol=config.tolerance, max_evals=config.max_evaluations)
-        else:
-            evaluate(Setting(default_lambda, omega))
-    bar.close()
-    best = max(history, key=lambda e: e.scores["DINO"])
-    table = _omega_table(history) if config.optimize in ("omega", "both") else None
-    return SubjectResult(entry.folder, entry.subject, evaluator.prompts_for(entry),
-                         {**asdict(best), "setting": asdict(best.setting)}, [_row(e) for e in history], table)
-
-
-def _omega_table(history: list[Evaluation]) -> list[dict]:
-    best_per_omega: dict[float, Evaluation] = {}
-    for evaluation in history:
-        omega = evaluation.setting.omega
-        if omega not in best_per_omega or evaluation.scores["DINO"] > best_per_omega[omega].scores["DINO"]:
-            best_per_omega[omega] = evaluation
-    return [_row(best_per_omega[omega]) for omega in sorted(best_per_omega)]
-
-
-def check_entries(config: EvaluateConfig, entries: list[SubjectEntry]) -> None:
-    """Fail early, with one line, on what would otherwise stop the run midway."""
-    for entry in entries:
-        list_image_files(entry.images_dir, f"subject folder '{entry.folder}'")
-        lora_file(entry.lora_dir, f"LoRA folder of subject '{entry.folder}'")
-        if config.method == "ag":
-            try:
-                lora_file(entry.lora_dir / "weak", "weak checkpoint")
-            except BoothkitError:
-                raise BoothkitError(f"--method ag needs a weak checkpoint: '{entry.lora_dir / 'weak'}' has no "
-                                    "pytorch_lora_weights.safetensors") from None
-
-
-def run_evaluate(config: EvaluateConfig) -> list[SubjectResult] | None:
-    """Evaluate every subject (this process's share); the main process returns all results."""
-    from boothkit.evaluate.outputs import write_outputs  # matplotlib only where the report is written
-
-    # Honour `accelerate launch --cpu` (ACCELERATE_USE_CPU) as the Accelerator does; PartialState alone does not.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    evaluator = Evaluator(config, state.device)
-    entries, skipped = discover_subjects(config.instance_data_dir, config.lora_base_dir,
-                                         evaluator.prompts.subjects, config.subjects)
-    if skipped and state.is_main_process:
-        log.warning("skipping folders with no matching subject or LoRA folder: %s", ", ".join(skipped))
-    if not entries:
-        raise BoothkitError(f"no subject to evaluate: no folder of '{config.instance_data_dir}' matches a subject "
-                            f"of '{config.evaluation_prompts_path}' with a LoRA folder in '{config.lora_base_dir}'")
-    check_entries(config, entries)
-    results_dir = Path(config.output_dir) / "subjects"
-    mine = entries[state.process_index::state.num_processes]
-    for entry in tqdm(mine, desc="subjects", unit="subject", disable=len(mine) < 2):
-        result = search_subject(evaluator, entry)
-        write_json_atomic(results_dir / f"{entry.folder}.json", asdict(result))
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    results = [SubjectResult(**json.loads((results_dir / f"{e.folder}.json").read_text())) for e in entries]
-    write_outputs(config, results, evaluator)
-    return results
+    fixed_lambda = config.guidance_scale if config.guidance_scale is not None else \
+        default_guidance_scale(config.method, family_guidance_scale)
+    omegas = config.omega_grid if config.optimize in ("omega", "both") else \
+        [config.omega if config.method == "wig" else None]
+    with bar:
+        for omega in omegas:
+            if config.optimize in ("lambda", "both"):
+                low, high = config.lambda_range
+                golden_section_search(lambda lam: dino_at(Setting(lam, omega)), low, high,
+                                      tol=config.tolerance, max_evals=config.max_evaluations)
+            else:
+                dino_at(Setting(fixed_lambda, omega))
+    entry = subject.entry
+    return SubjectResult(folder=entry.folder, subject=entry.subject, method=config.method,
+                         prompts=list(subject.prompts), reference_dir=str(entry.images_dir.resolve()),
+                         history=history, best=best_by_dino(history))

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["GOLDEN_RATIO", "SearchResult", "golden_section_search"]
+__all__ = ["GOLDEN_RATIO", "SearchResult", "golden_section_evaluations", "golden_section_search"]
 
 GOLDEN_RATIO = (math.sqrt(5.0) - 1.0) / 2.0
 """φ = (√5 − 1)/2 ≈ 0.618: the factor by which each evaluation shrinks the bracket."""
@@ -67,6 +67,18 @@ def _check_arguments(lo: float, hi: float, tol: float, max_evals) -> None:
             raise ValueError(f"max_evals must be at least 2, got {max_evals}")
 
 
+def golden_section_evaluations(lo: float, hi: float, tol: float = 0.05, max_evals: int | None = None) -> int:
+    """How many evaluations `golden_section_search` makes on [lo, hi]: the smallest n ≥ 2 with
+    (hi − lo)·φ^(n−1) ≤ tol, and at most `max_evals` (fewer only when floating point cannot separate the
+    points any further, far below any useful tolerance). Whatever f is: the search stops by this count."""
+    lo, hi, tol = float(lo), float(hi), float(tol)
+    _check_arguments(lo, hi, tol, max_evals)
+    count = 2
+    while (hi - lo) * GOLDEN_RATIO ** (count - 1) > tol and (max_evals is None or count < max_evals):
+        count += 1
+    return count
+
+
 def golden_section_search(
     f: Callable[[float], float],
     lo: float,
@@ -82,7 +94,8 @@ def golden_section_search(
     (φ = (√5 − 1)/2); each later iteration reuses the surviving interior point and makes exactly one new
     evaluation, shrinking the bracket by the factor φ ≈ 0.618. The search stops when the bracket is at most
     `tol` wide, when `max_evals` evaluations have been made, or when the bracket can no longer shrink in
-    floating point. On [−10, 10] with tol 0.05 that is 14 evaluations.
+    floating point: after `golden_section_evaluations(lo, hi, tol, max_evals)` evaluations (the bracket after n
+    of them is (hi − lo)·φ^(n−1) wide). On [−10, 10] with tol 0.05 that is 14 evaluations.
 
     With common random numbers (the same seeds at every λ) a sampled objective such as an image-quality
     score is a deterministic function of λ, which is what the comparisons need.
@@ -103,7 +116,7 @@ def golden_section_search(
         ValueError: lo ≥ hi, a non-finite bound, tol ≤ 0, or max_evals < 2.
     """
     lo, hi, tol = float(lo), float(hi), float(tol)
-    _check_arguments(lo, hi, tol, max_evals)
+    planned = golden_section_evaluations(lo, hi, tol, max_evals)  # checks the arguments
     history: list[tuple[float, float]] = []
 
     def evaluate(x: float) -> float:
@@ -112,9 +125,6 @@ def golden_section_search(
         if on_evaluation is not None:
             on_evaluation(float(x), value)
         return value
-
-    def budget_left() -> bool:
-        return max_evals is None or len(history) < max_evals
 
     a, b = lo, hi
     c, d = b - GOLDEN_RATIO * (b - a), a + GOLDEN_RATIO * (b - a)
@@ -129,7 +139,7 @@ def golden_section_search(
             a, c, fc = c, d, fd
             new_x = a + GOLDEN_RATIO * (b - a)
             replace_left = False
-        if b - a <= tol or not budget_left():
+        if len(history) >= planned:  # the bracket is now (hi − lo)·φ^(n−1) ≤ tol wide, or the budget is spent
             break
         if replace_left:
             if not a < new_x < d:  # floating point cannot separate the points any further

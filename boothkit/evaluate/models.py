@@ -1,0 +1,69 @@
+"""The models an evaluation runs, loaded when first needed: a fully cached run loads none of them.
+
+`Models` holds the base pipeline (once per run), the subject whose LoRAs are loaded into it (once per
+subject, never inside a sampling loop), the metric models, and each subject's reference embeddings.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+from boothkit.data.images import load_image_folder
+from boothkit.evaluate.config import EvaluateConfig
+from boothkit.evaluate.metrics import ReferenceEmbeddings, SubjectMetrics
+from boothkit.evaluate.subjects import Subject
+from boothkit.families import FamilyOptions, ModelFamily, load_family, weights_dtype
+from boothkit.guidance.rules import Guidance
+from boothkit.guidance.sampler import SamplerSettings, load_guidance_adapters
+from boothkit.guidance.settings import sampler_settings
+
+
+class Models:
+    def __init__(self, config: EvaluateConfig, device: torch.device, settings: SamplerSettings):
+        self.config = config
+        self.device = device
+        self.settings = settings  # as resolved from the model's configs (the cache keys use them)
+        self._subject: str | None = None
+        self._family: ModelFamily | None = None  # the base family with the current subject's text options
+        self.adapters: list[str] = []
+        self._references: dict[str, ReferenceEmbeddings] = {}
+
+    @cached_property
+    def base(self) -> ModelFamily:
+        """The base pipeline on the device."""
+        config = self.config
+        family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant,
+                             weights_dtype(config.mixed_precision, self.device), FamilyOptions.from_config(config))
+        family.pipeline.to(self.device)
+        loaded = sampler_settings(family, config)
+        if loaded != self.settings:  # the configs read without weights must describe the loaded model
+            raise RuntimeError(f"sampler settings resolved from the configs ({self.settings}) differ from the "
+                               f"loaded model's ({loaded})")
+        return family
+
+    @cached_property
+    def metrics(self) -> SubjectMetrics:
+        return SubjectMetrics(self.config.dino_model, self.config.clip_model, device=self.device)
+
+    def family_for(self, subject: Subject, guidance: Guidance) -> tuple[ModelFamily, list[str]]:
+        """The family with `subject`'s LoRAs loaded (fine, and weak when `guidance` needs it) and its prompts
+        embedded as that LoRA was trained; and the names of the active adapters."""
+        if self._subject != subject.folder:
+            base = self.base
+            if self._subject is not None:
+                base.pipeline.unload_lora_weights()
+            weak = str(subject.weak) if subject.weak is not None else None
+            self.adapters = load_guidance_adapters(base, str(subject.lora), weak, guidance)
+            self._family = base.with_options(base.options.with_text(*subject.text))
+            self._subject = subject.folder
+        return self._family, self.adapters
+
+    def references(self, subject: Subject) -> ReferenceEmbeddings:
+        """The subject's reference photos, embedded once."""
+        if subject.folder not in self._references:
+            entry = subject.entry  # the files of `subject.references` (an unreadable one skipped, with a warning)
+            images = [image for _, image in load_image_folder(entry.images_dir, f"subject folder '{entry.folder}'")]
+            self._references[subject.folder] = self.metrics.references(images)
+        return self._references[subject.folder]

@@ -1,0 +1,84 @@
+"""The subjects of one `boothkit evaluate` run, resolved once: the exact files each evaluation reads.
+
+A `Subject` is what the cache key, the model loading and the scoring of one subject folder depend on: its
+prompts (identifier placed, `--max_prompts` applied), its reference photo files, its fine LoRA file and, for
+`--method ag`, its weak LoRA file, and the prompt-encoding options its LoRA was trained with. Resolving them
+checks everything that would otherwise stop a run midway, with one line.
+
+Weak LoRAs (`--method ag`): by default `LORA_BASE_DIR/<folder>/weak/` (the layout `boothkit train` writes).
+`--weak_checkpoint_path P` replaces it: when P is a LoRA (a `.safetensors` file, or a folder holding
+`pytorch_lora_weights.safetensors`) it is the weak LoRA of the one subject evaluated (refused when several
+are); otherwise P holds one weak LoRA folder per subject folder, `P/<folder>/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from boothkit import layout
+from boothkit.data.images import list_image_files
+from boothkit.errors import BoothkitError
+from boothkit.evaluate.config import EvaluateConfig
+from boothkit.evaluate.dataset import EvaluationPrompts, SubjectEntry
+from boothkit.guidance.adapters import lora_file, text_options
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject folder to evaluate, with every file and option its evaluations depend on."""
+
+    entry: SubjectEntry
+    prompts: tuple[str, ...]
+    references: tuple[Path, ...]  # the reference photos scored against
+    lora: Path  # the fine LoRA file
+    weak: Path | None  # the weak LoRA file (--method ag), else None
+    text: tuple[int, bool]  # (max_sequence_length, complex_human_instruction) as the LoRA was trained
+
+    @property
+    def folder(self) -> str:
+        return self.entry.folder
+
+
+def resolve_subjects(config: EvaluateConfig, prompts: EvaluationPrompts, entries: list[SubjectEntry]
+                     ) -> list[Subject]:
+    """Every entry as a `Subject`; one `BoothkitError` line for a folder without photos, a missing LoRA or
+    weak LoRA, or a `--weak_checkpoint_path` that does not fit."""
+    weak_for = _weak_resolver(config, entries) if config.method == "ag" else (lambda entry: None)
+    subjects = []
+    for entry in entries:
+        texts = prompts.prompts_for(entry.subject, config.identifier)
+        subjects.append(Subject(
+            entry=entry, prompts=tuple(texts[: config.max_prompts] if config.max_prompts else texts),
+            references=tuple(list_image_files(entry.images_dir, f"subject folder '{entry.folder}'")),
+            lora=lora_file(entry.lora_dir, f"LoRA folder of subject '{entry.folder}'"),
+            weak=weak_for(entry), text=text_options(config, entry.lora_dir)))
+    return subjects
+
+
+def _weak_resolver(config: EvaluateConfig, entries: list[SubjectEntry]):
+    """entry → its weak LoRA file, as the module doc describes."""
+    given = config.weak_checkpoint_path
+    if given is None:
+        return lambda entry: _weak_file(layout.weak_dir(entry.lora_dir), entry,
+                                        "train with --weak_checkpoint_step, or pass --weak_checkpoint_path")
+    path = Path(given).expanduser()
+    if not path.exists():
+        raise BoothkitError(f"--weak_checkpoint_path '{given}' does not exist")
+    if path.is_file() or layout.lora_file(path).is_file():
+        if len(entries) > 1:
+            raise BoothkitError(f"--weak_checkpoint_path '{given}' is one weak LoRA but {len(entries)} subjects are "
+                                "evaluated; give a folder with one weak LoRA folder per subject folder, or choose "
+                                "one subject with --subjects")
+        single = lora_file(path, "--weak_checkpoint_path")
+        return lambda entry: single
+    return lambda entry: _weak_file(path / entry.folder, entry, f"--weak_checkpoint_path '{given}' holds no "
+                                                                f"folder '{entry.folder}' with a weak LoRA")
+
+
+def _weak_file(folder: Path, entry: SubjectEntry, hint: str) -> Path:
+    try:
+        return lora_file(folder, "weak checkpoint")
+    except BoothkitError:
+        raise BoothkitError(f"--method ag needs a weak checkpoint for subject '{entry.folder}': '{folder}' has no "
+                            f"{layout.LORA_WEIGHT_NAME} ({hint})") from None
