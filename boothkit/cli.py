@@ -15,11 +15,10 @@ import re
 import sys
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 from boothkit import __version__
-from boothkit.errors import BoothkitError
+from boothkit.errors import BoothkitError, first_line
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -104,14 +103,9 @@ def _run_sample(config) -> int:
 
 
 def _run_evaluate(config) -> int:
-    from boothkit.evaluate.outputs import REPORT_NAME, SUMMARY_NAME, summary_csv
-    from boothkit.evaluate.search import run_evaluate
+    from boothkit.evaluate.run import evaluate_command
 
-    results = run_evaluate(config)
-    if results is not None:
-        print(summary_csv(config, results), end="")
-        print(f"summary: {Path(config.output_dir) / SUMMARY_NAME}; report: {Path(config.output_dir) / REPORT_NAME}")
-    return 0
+    return evaluate_command(config)
 
 
 def _run_score(config) -> int:
@@ -200,8 +194,9 @@ def _report(message: str) -> None:
 
 
 def _describe_os_error(error: OSError) -> str:
-    """`No space left on device: '/out/x.png'`: the system's words and the path, as the shell says them."""
-    reason = error.strerror or str(error) or type(error).__name__
+    """`No space left on device: '/out/x.png'`: the system's words and the path, as the shell says them (an
+    OSError of a library, e.g. transformers' "can't load", has no strerror: its first line)."""
+    reason = error.strerror or first_line(error)
     paths = [os.fsdecode(name) for name in (error.filename, error.filename2) if name is not None]
     return ": ".join([reason, *(repr(path) for path in paths)])
 

@@ -222,7 +222,8 @@ import json, sys, time
 from boothkit.cli import main
 calls = [["--help"], ["--version"], ["train", "--help"], ["sample", "--help"], ["evaluate", "--help"],
          ["score", "--help"], ["tiny", "--help"], ["train", "--no_such_flag"], ["sample", "--seed", "x"],
-         ["evaluate", "--method", "nope"], ["nope"], []]
+         ["evaluate", "--method", "nope"], ["nope"], [], ["train", "--learning_rate", "nan"],
+         ["evaluate", "--lambda_range", "3", "1", "--config", "missing.yaml"]]
 codes = []
 for argv in calls:
     try:
@@ -238,7 +239,7 @@ def test_help_version_and_argument_errors_import_no_heavy_library():
     probe = _HELP_PROBE.format(heavy=repr(HEAVY_MODULES))
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     report = json.loads(result.stderr.strip().splitlines()[-1])
-    assert report["codes"] == [0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2]
+    assert report["codes"] == [0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2]
     assert report["heavy"] == []
 
 
@@ -349,6 +350,14 @@ def test_os_errors_are_one_line(run_cli, tmp_path):
     result = run_cli("tiny", "sd15", regular_file / "out")
     assert result.code == 2
     assert re.fullmatch(r"error: (File exists|Not a directory): '.*photo\.jpg.*'", _error_line(result))
+
+
+def test_a_library_os_error_is_its_first_line(run_cli, monkeypatch, tmp_path):
+    _fail_in_tiny(monkeypatch, OSError("Can't load the model for 'x'. If you were trying to load it from the hub,\n"
+                                       "make sure you don't have a local directory with the same name."))
+    result = run_cli("tiny", "sd15", tmp_path / "out")
+    assert result.code == 2
+    assert _error_line(result) == "error: Can't load the model for 'x'. If you were trying to load it from the hub,"
 
 
 def test_permission_error_names_the_file(run_cli, monkeypatch, tmp_path):
