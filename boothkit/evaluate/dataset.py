@@ -157,7 +157,7 @@ def discover_subjects(
         unknown = sorted(wanted - known)
         if unknown:
             raise BoothkitError(
-                f"--only names {', '.join(repr(n) for n in unknown)}, which is neither a folder of "
+                f"--subjects names {', '.join(repr(n) for n in unknown)}, which is neither a folder of "
                 f"'{images_root}' nor the subject of one"
             )
 

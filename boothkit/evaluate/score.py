@@ -6,8 +6,11 @@ from __future__ import annotations
 from pydantic import Field
 
 from boothkit.config import CommandConfig
-from boothkit.data.images import load_image_folder
-from boothkit.evaluate.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, SubjectMetrics
+
+# Light on purpose: the CLI builds `boothkit score --help` from ScoreConfig without importing torch, so the
+# metric modules are imported by run_score. The same ids as boothkit.evaluate.metrics's (tests/test_cli.py checks).
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 
 class ScoreConfig(CommandConfig):
@@ -22,6 +25,9 @@ class ScoreConfig(CommandConfig):
 
 def run_score(config: ScoreConfig) -> dict:
     """{"DINO", "CLIP-I", "CLIP-T" (only with a prompt), "n_images", "n_references"}; folders are read first."""
+    from boothkit.data.images import load_image_folder
+    from boothkit.evaluate.metrics import SubjectMetrics
+
     generated = [image for _, image in load_image_folder(config.images, "generated image folder")]
     references = [image for _, image in load_image_folder(config.references, "reference image folder")]
     metrics = SubjectMetrics(config.dino_model, config.clip_model)
