@@ -85,8 +85,8 @@ def check_output_folder(path: str | os.PathLike, command: str, *, overwrite: boo
                 where = "is a file" if parent == root else f"is below '{parent}', which is a file"
                 raise BoothkitError(f"output_dir '{root}' {where}")
             break
-    if not root.is_dir() or not any(root.iterdir()):
-        return root
+    if not root.is_dir() or not [entry for entry in root.iterdir() if not _is_own(entry.name)]:
+        return root  # nothing there but, perhaps, a lock or staging files of a run that was killed
     manifest = read_manifest(root)
     if manifest is None:
         if not overwrite:
@@ -271,6 +271,10 @@ class SubFolder:
 
     def claim(self, *names: str) -> list[Path]:
         return self.owner.claim(*(self.relative / name for name in names))
+
+
+def _is_own(name: str) -> bool:
+    return name in _OWN_FILES or name.startswith(TMP_PREFIX)
 
 
 def _process_alive(pid: int) -> bool:
