@@ -22,14 +22,14 @@ from safetensors import safe_open
 
 from boothkit.errors import BoothkitError
 from boothkit.families.base import ModelFamily
+from boothkit.layout import LORA_WEIGHT_NAME
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FINE, WEAK = "fine", "weak"
 
 
 def model_scales(model: str, omega: float) -> dict[str, float]:
     """LoRA scale of each adapter for a model variant of `boothkit.guidance.rules.Branch`."""
-    return {"fine": {FINE: 1.0}, "weak": {WEAK: 1.0}, "interp": {FINE: omega}, "base": {}}[model]
+    return {"fine": {FINE: 1.0}, "weak": {WEAK: 1.0}, "interp": {FINE: omega}}[model]
 
 
 def lora_file(path: str | Path, what: str) -> Path:

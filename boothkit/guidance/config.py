@@ -18,7 +18,8 @@ METHODS: tuple[str, ...] = ("cfg", "ag", "wig", "none")
 class SamplerOptions(CommandConfig):
     """The guided sampler's flags, shared by `sample` and `evaluate`."""
 
-    guidance_scale: float | None = Field(None, description="λ (default: the family's, 7.5 for SD).")
+    guidance_scale: float | None = Field(None, description="λ (default: the method's: for cfg and wig the family's CFG scale, "
+                                                               "7.5 for SD, 4.5 for SANA; for ag 2.0).")
     cfg_scale: float = Field(7.5, description="s, the CFG scale inside CFG + AG.")
     negative_prompt: str | None = Field(None, description="Replaces the empty prompt in every rule.")
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (default: 50 for SD).")

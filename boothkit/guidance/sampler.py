@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Iterator
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from boothkit import layout
 from boothkit.errors import BoothkitError
 from boothkit.families.base import Conditioning, ModelFamily
 from boothkit.guidance.adapters import FINE, WEAK, activate, load_adapter, lora_file, model_scales, per_sample_scales
@@ -46,14 +47,15 @@ class GeneratedImage:
 def load_guidance_adapters(family: ModelFamily, lora_dir: str | None, weak_dir: str | None,
                            guidance: Guidance) -> list[str]:
     """Load the fine LoRA (and the weak one when the rule needs it) as resident, active adapters."""
+    if lora_dir is None and guidance.method in ("ag", "wig"):
+        # Without a LoRA, θ_ω = θ_ft = θ_pre: WIG would silently be CFG, and AG would have no fine model.
+        raise BoothkitError(f"--method {guidance.method} guides a personalized model: pass --lora_dir")
     names = []
     if lora_dir is not None:
         load_adapter(family, lora_dir, FINE, "LoRA folder")
         names.append(FINE)
     if guidance.needs_weak:
-        if weak_dir is None and lora_dir is None:
-            raise BoothkitError("--method ag needs a weak checkpoint: pass --lora_dir (with weak/) or --weak_checkpoint_path")
-        weak_dir = weak_dir or str(Path(lora_dir) / "weak")
+        weak_dir = weak_dir or str(layout.weak_dir(lora_dir))
         try:
             lora_file(weak_dir, "weak checkpoint")
         except BoothkitError as error:
@@ -75,24 +77,29 @@ class GuidedSampler:
         self.device = family.denoiser.device
         self.dtype = family.denoiser.dtype
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], negative_prompt: str | None, num_images_per_prompt: int,
                  seed: int) -> list[GeneratedImage]:
         """`num_images_per_prompt` images of each prompt; image i of a prompt uses seed + i."""
+        return list(self.iterate(prompts, negative_prompt, num_images_per_prompt, seed))
+
+    @torch.no_grad()
+    def iterate(self, prompts: list[str], negative_prompt: str | None, num_images_per_prompt: int,
+                seed: int) -> Iterator[GeneratedImage]:
+        """As `generate`, yielding each image as soon as its batch is decoded (callers save it at once)."""
         conditioning = self.conditioning(prompts, negative_prompt)
         items = [(p, i) for p in range(len(prompts)) for i in range(num_images_per_prompt)]
         chunks = [items[start:start + self.settings.batch_size] for start in range(0, len(items), self.settings.batch_size)]
-        bar = tqdm(total=len(chunks) * self.settings.num_inference_steps, desc="sampling", unit="step",
-                   disable=not self.settings.progress)
-        results = []
-        for chunk in chunks:
-            rows = [p for p, _ in chunk]
-            generators = [torch.Generator("cpu").manual_seed(seed + i) for _, i in chunk]
-            images = self.sample({b: c.index(rows) for b, c in conditioning.items()}, generators, bar)
-            results += [GeneratedImage(prompts[p], p, i, seed + i, image) for (p, i), image in zip(chunk, images)]
-            bar.set_postfix(images=len(results))
-        bar.close()
-        return results
+        done = 0
+        with tqdm(total=len(chunks) * self.settings.num_inference_steps, desc="sampling", unit="step",
+                  disable=not self.settings.progress) as bar:
+            for chunk in chunks:
+                rows = [p for p, _ in chunk]
+                generators = [torch.Generator("cpu").manual_seed(seed + i) for _, i in chunk]
+                images = self.sample({b: c.index(rows) for b, c in conditioning.items()}, generators, bar)
+                done += len(images)
+                bar.set_postfix(images=done)
+                for (p, i), image in zip(chunk, images):
+                    yield GeneratedImage(prompts[p], p, i, seed + i, image)
 
     def conditioning(self, prompts: list[str], negative_prompt: str | None) -> dict[Branch, Conditioning]:
         """Each branch's prompt embeddings (one row per prompt), through that branch's text-encoder LoRA."""
