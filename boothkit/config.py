@@ -174,6 +174,8 @@ def format_validation_error(error: ValidationError) -> str:
     for item in error.errors():
         if item["type"] == "finite_number":
             message = "must be a finite number"
+        elif item["type"] == "missing":
+            message = "required (a flag or a --config key)"
         else:
             message = item["msg"].removeprefix("Value error, ")
         part = f"--{item['loc'][0]}: {message}" if item["loc"] else message

@@ -128,6 +128,11 @@ def test_non_finite_numbers_are_refused_in_config_files(suffix, text, command, f
     assert _error_line(result) == f"error: invalid option: --{flag}: must be a finite number"
 
 
+def test_missing_required_options_are_named(run_cli, tmp_path):
+    result = run_cli("score", "--images", tmp_path)
+    assert _error_line(result) == "error: invalid option: --references: required (a flag or a --config key)"
+
+
 def test_finite_numbers_still_pass(tmp_path):
     schema = command_schemas()["evaluate"]
     args = build_parser().parse_args(["evaluate", *_required_flags(schema, tmp_path), "--lambda_range", "-1e300",
