@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +23,9 @@ from safetensors import safe_open
 
 from boothkit.errors import BoothkitError
 from boothkit.families.base import ModelFamily
-from boothkit.layout import LORA_WEIGHT_NAME
+from boothkit.layout import LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME
+
+log = logging.getLogger(__name__)
 
 FINE, WEAK = "fine", "weak"
 
@@ -118,19 +121,55 @@ def _times(tensor: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 
 TEXT_OPTIONS = ("max_sequence_length", "complex_human_instruction")
+_ASSUMED: set[str] = set()  # LoRA files whose assumed settings were announced (once per process)
 
 
 def text_options(config, lora_dir: str | Path | None) -> tuple[int, bool]:
-    """Prompt-encoding options for sampling: what the LoRA was trained with (its `train_config.json`)
-    unless the user set them, so that training and sampling embed prompts alike."""
+    """Prompt-encoding options for sampling, so that training and sampling embed prompts alike. For each
+    option, the first of: the flag, when the user set it; the LoRA file's own metadata
+    (`boothkit.prompt_encoding`, which travels with the file); the run's `train_config.json` beside it;
+    else the flag's default, announced in one line when the LoRA is a transformer (SANA) LoRA, whose prompts
+    these options change (a LoRA from the diffusers SANA example was trained without the instruction)."""
     values = {name: getattr(config, name) for name in TEXT_OPTIONS}
-    saved = Path(lora_dir) / "train_config.json" if lora_dir is not None else None
-    if saved is not None and saved.is_file():
-        try:
-            trained = json.loads(saved.read_text()).get("config", {})
-        except (OSError, ValueError):
-            trained = {}
-        for name in TEXT_OPTIONS:
-            if name not in config.model_fields_set and name in trained:
-                values[name] = trained[name]
+    unset = [name for name in TEXT_OPTIONS if name not in config.model_fields_set]
+    if lora_dir is None or not unset:
+        return int(values["max_sequence_length"]), bool(values["complex_human_instruction"])
+    recorded = _recorded_text_options(Path(lora_dir))
+    for name in unset:
+        if name in recorded:
+            values[name] = recorded[name]
+    assumed = [name for name in unset if name not in recorded]
+    file = lora_file(lora_dir, "LoRA folder")
+    if assumed and str(file) not in _ASSUMED and _is_transformer_lora(file):
+        _ASSUMED.add(str(file))
+        log.warning("LoRA '%s' does not record how its prompts were embedded; assuming %s (set %s to change)",
+                    file, ", ".join(f"{name} {values[name]}" for name in assumed),
+                    " or ".join(_flag_to_change(name, values[name]) for name in assumed))
     return int(values["max_sequence_length"]), bool(values["complex_human_instruction"])
+
+
+def _recorded_text_options(lora_dir: Path) -> dict:
+    """What the LoRA's metadata, else its run's train_config.json, says about TEXT_OPTIONS."""
+    from boothkit.formats.metadata import read_prompt_encoding
+
+    file = lora_dir / LORA_WEIGHT_NAME if lora_dir.is_dir() else lora_dir
+    recorded = read_prompt_encoding(file) if file.is_file() else None
+    if recorded is not None:
+        return {name: recorded[name] for name in TEXT_OPTIONS if name in recorded}
+    saved = file.parent / TRAIN_CONFIG_NAME
+    try:
+        trained = json.loads(saved.read_text()).get("config", {}) if saved.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        trained = {}
+    return {name: trained[name] for name in TEXT_OPTIONS if name in trained}
+
+
+def _is_transformer_lora(file: Path) -> bool:
+    with safe_open(str(file), "pt") as handle:
+        return any(key.startswith("transformer.") for key in handle.keys())
+
+
+def _flag_to_change(name: str, value) -> str:
+    if isinstance(value, bool):
+        return f"--no_{name}" if value else f"--{name}"
+    return f"--{name}"
