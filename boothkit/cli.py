@@ -150,13 +150,15 @@ def _add_tiny(subparsers) -> None:
     parser.add_argument("kind", choices=TINY_KINDS)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights. (default: 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Write into a non-empty folder boothkit did not write (its files are kept).")
     parser.set_defaults(handler=_run_tiny)
 
 
 def _run_tiny(args: argparse.Namespace) -> int:
     from boothkit.testing.tiny import build_tiny
 
-    print(build_tiny(args.kind, args.out_dir, seed=args.seed))
+    print(build_tiny(args.kind, args.out_dir, seed=args.seed, overwrite=args.overwrite))
     return 0
 
 

@@ -111,7 +111,7 @@ def test_replaces_only_empty_folders_and_earlier_builds(tmp_path):
     assert (empty / "notes.txt").read_text() == "mine"
     assert build_tiny("sd15", empty) == empty and build_tiny("dino", empty) == empty
     assert sorted(p.name for p in empty.iterdir()) == sorted(
-        [".boothkit_tiny.json", "config.json", "model.safetensors", "notes.txt", "preprocessor_config.json"])
+        [".boothkit-manifest.json", "config.json", "model.safetensors", "notes.txt", "preprocessor_config.json"])
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

@@ -23,25 +23,24 @@ untouched, the same seed gives byte-identical safetensors files and another seed
 is under 3 MB and builds in well under a second. `build_sd_bench` writes an SD-1.5-shaped pipeline of reduced
 width (about 35 M UNet parameters, 512 px default) for benchmarks.
 
-The folder is built beside `out_dir` and moved into place. An existing `out_dir` is replaced only when it is empty
-or an earlier build (it holds the marker file `.boothkit_tiny.json`, which also records kind, seed and the files
-built): the earlier build's files are removed once the new one is complete, a file someone added beside them stays.
-Any other existing path is left alone and a `BoothkitError` raised.
+The folder is built beside `out_dir` and moved into place, as an output folder of `boothkit.layout`: an earlier
+tiny build there (its manifest) is replaced once the new one is complete, a file someone added beside it stays, and
+a folder boothkit did not write is refused (unless `overwrite`: then the build goes beside its files, replacing
+none).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from pathlib import Path
 from typing import Callable, Iterator
 
 from boothkit.errors import BoothkitError
 from boothkit.io import atomic_path
+from boothkit.layout import OutputFolder, check_output_folder
 
 TINY_KINDS: tuple[str, ...] = ("sd15", "sd21", "sdxl", "sana", "dino", "dinov2", "clip")
-_MARKER = ".boothkit_tiny.json"
 
 # SD 1.x / 2.x training noise schedule, as saved in the real checkpoints' scheduler configs.
 _SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -52,7 +51,7 @@ _CLIP_MERGES = [
 ]
 
 
-def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny(kind: str, out_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
     """Write the tiny model folder `kind` (one of `TINY_KINDS`) to `out_dir` and return its path."""
     builders: dict[str, Callable[[Path, int], None]] = {
         "sd15": _build_sd,
@@ -65,50 +64,31 @@ def build_tiny(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     }
     if kind not in builders:
         raise BoothkitError(f"unknown tiny model kind {kind!r}; choose one of: {', '.join(TINY_KINDS)}")
-    return _write(builders[kind], out_dir, seed, kind)
+    return _write(builders[kind], out_dir, seed, overwrite)
 
 
 def build_sd_bench(out_dir: str | Path, seed: int = 0) -> Path:
     """Write an SD-1.5-shaped pipeline of reduced width (about 35 M UNet parameters, 512 px) for benchmarks."""
-    return _write(functools.partial(_build_sd, bench=True), out_dir, seed, "sd_bench")
+    return _write(functools.partial(_build_sd, bench=True), out_dir, seed)
 
 
 def build_sana_bench(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a SANA-shaped pipeline of reduced width (f8 DC-AE, 32 latent channels, 8-layer DiT) for benchmarks."""
-    return _write(functools.partial(_build_sana, bench=True), out_dir, seed, "sana_bench")
+    return _write(functools.partial(_build_sana, bench=True), out_dir, seed)
 
 
-def _write(builder: Callable[[Path, int], None], out_dir: str | Path, seed: int, kind: str) -> Path:
+def _write(builder: Callable[[Path, int], None], out_dir: str | Path, seed: int, overwrite: bool = False) -> Path:
+    """Build into a staging folder, then replace the earlier build's files (the folder's manifest) by the new
+    ones; a file someone added beside them stays (see `boothkit.layout`)."""
     out = Path(out_dir)
-    target = out.resolve()
-    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / _MARKER).is_file())):
-        raise BoothkitError(f"{out} exists and is neither empty nor an earlier tiny build; not replacing it")
-    with atomic_path(target) as tmp:
-        tmp.mkdir()
-        builder(tmp, int(seed))
-        files = sorted(path.relative_to(tmp).as_posix() for path in tmp.rglob("*") if path.is_file())
-        marker = {"kind": kind, "seed": int(seed), "files": files}
-        (tmp / _MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
-        _remove_earlier_build(target)  # the new files are moved into the folder, which may be an earlier build
+    root = check_output_folder(out, "tiny", overwrite=overwrite, reuse=True)
+    with OutputFolder(root, "tiny") as folder, atomic_path(root) as staging:
+        staging.mkdir()
+        builder(staging, int(seed))
+        files = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
+        folder.remove()  # the earlier build, now that the new one is complete
+        folder.claim(*files)
     return out
-
-
-def _remove_earlier_build(folder: Path) -> None:
-    """Delete the files an earlier build listed in its marker (every file for markers without a list), then the
-    folders that leaves empty."""
-    marker = folder / _MARKER
-    if not marker.is_file():
-        return
-    try:
-        listed = json.loads(marker.read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError):
-        raise BoothkitError(f"'{marker}' is damaged; not replacing {folder}") from None
-    files = [folder / name for name in listed] if listed is not None else [p for p in folder.rglob("*") if p.is_file()]
-    for path in files + [marker]:
-        path.unlink(missing_ok=True)
-    for directory in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        if not any(directory.iterdir()):
-            directory.rmdir()
 
 
 @contextlib.contextmanager
