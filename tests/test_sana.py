@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -10,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SanaPipeline
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from boothkit.cli import main as cli_main
 from boothkit.data.images import sample_subject_dir
-from boothkit.families import load_family
+from boothkit.families import FamilyOptions, load_family
+from boothkit.families.sana import SanaFamily
 from boothkit.guidance.rules import make_guidance
 from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
 from boothkit.testing.tiny import build_tiny
@@ -62,13 +66,55 @@ def test_training_writes_a_lora_sana_pipelines_load(sana, sana_lora):
     assert np.abs(generate(sana_lora) - generate(None)).max() > 1e-3
 
 
-@pytest.mark.parametrize("scheme", ["sigma_sqrt", "logit_normal", "mode", "cosmap"])
-def test_weighting_schemes_train(scheme, sana, tmp_path, run_cli):
-    result = run_cli(*train_args(sana, tmp_path / "o", "--max_train_steps", 2, "--weighting_scheme", scheme,
-                                 "--lora_layers", "to_q,to_v"))
-    assert result.code == 0, result.err
-    keys = load_file(tmp_path / "o" / "pytorch_lora_weights.safetensors").keys()
-    assert all(("to_q" in key or "to_v" in key) for key in keys)
+SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_training_draws_timesteps_from_the_schemes_density(scheme, sana):
+    """Timesteps, noisy latents and loss weights under each scheme follow diffusers' SD3 training utilities
+    (the diffusers SANA DreamBooth script: u from the density, index ⌊u·T⌋, σ of that index)."""
+    options = FamilyOptions(weighting_scheme=scheme, logit_mean=0.4, logit_std=0.7, mode_scale=0.8)
+    family = load_family(str(sana), options=options)
+    scheduler = family.noise_scheduler
+    latents, noise = torch.randn(6, 4, 2, 2), torch.randn(6, 4, 2, 2)
+    noisy, timesteps, target, weights = family.training_sample(
+        latents, noise, [torch.Generator().manual_seed(seed) for seed in range(6)])
+    u = torch.cat([compute_density_for_timestep_sampling(scheme, 1, 0.4, 0.7, 0.8,
+                                                         generator=torch.Generator().manual_seed(seed))
+                   for seed in range(6)])
+    indices = (u * scheduler.config.num_train_timesteps).long()
+    sigmas = scheduler.sigmas[indices].view(-1, 1, 1, 1)
+    assert torch.equal(timesteps, scheduler.timesteps[indices])
+    torch.testing.assert_close(noisy, (1 - sigmas) * latents + sigmas * noise)
+    torch.testing.assert_close(target, noise - latents)
+    torch.testing.assert_close(weights, compute_loss_weighting_for_sd3(scheme, sigmas).flatten())
+
+
+def test_weighting_scheme_reaches_training(sana, tmp_path, run_cli, monkeypatch):
+    """`--weighting_scheme` and its parameters reach the family that draws the training timesteps, and
+    each scheme trains differently (the same seed, photos and steps otherwise)."""
+    seen = []
+    original = SanaFamily.training_sample
+
+    def spy(self, *args):
+        seen.append(self.options)
+        return original(self, *args)
+
+    monkeypatch.setattr(SanaFamily, "training_sample", spy)
+    losses = {}
+    for scheme in SCHEMES:
+        seen.clear()
+        out = tmp_path / scheme
+        result = run_cli(*train_args(sana, out, "--max_train_steps", 2, "--weighting_scheme", scheme,
+                                     "--logit_mean", 0.4, "--logit_std", 0.7, "--mode_scale", 0.8,
+                                     "--lora_layers", "to_q,to_v"))
+        assert result.code == 0, result.err
+        assert {(o.weighting_scheme, o.logit_mean, o.logit_std, o.mode_scale) for o in seen} == {
+            (scheme, 0.4, 0.7, 0.8)}
+        keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
+        assert all(("to_q" in key or "to_v" in key) for key in keys)
+        losses[scheme] = (out / "train_log.csv").read_text().splitlines()[1:]
+    assert len({tuple(rows) for rows in losses.values()}) == len(SCHEMES), losses
 
 
 def test_unknown_lora_layer_is_a_clear_error(sana, tmp_path, run_cli):
@@ -132,8 +178,10 @@ def test_sample_and_evaluate_commands_on_sana(sana, sana_lora, tmp_path, run_cli
                      "--method", "ag", "--num_inference_steps", 4, "--dino_model", scorers["dino"],
                      "--clip_model", scorers["clip"], "--optimize", "--max_evaluations", 3)
     assert result.code == 0, result.err
-    summary = (tmp_path / "eval" / "evaluation_summary.csv").read_text().splitlines()
-    assert summary[0] == "subject,num_prompts,CLIP-I,CLIP-T,DINO,guidance_scale" and summary[1].startswith("dog,1,")
+    with open(tmp_path / "eval" / "evaluation_summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["subject"], row["num_prompts"]) for row in rows] == [("dog", "1")]
+    assert all(math.isfinite(float(rows[0][metric])) for metric in ("DINO", "CLIP-I", "CLIP-T"))
 
 
 def test_sampling_embeds_prompts_as_the_lora_was_trained(sana, tmp_path, run_cli):

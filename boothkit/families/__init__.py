@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from boothkit.errors import BoothkitError
-from boothkit.families.base import Conditioning, LatentDistribution, ModelFamily
+from boothkit.errors import BoothkitError, first_line
+from boothkit.families.base import Conditioning, FamilyOptions, LatentDistribution, ModelFamily
 from boothkit.families.sana import SanaFamily
 from boothkit.families.sd import StableDiffusionFamily
 
@@ -17,8 +17,8 @@ FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily, SanaFamily)
 # Pipelines of the field that boothkit knows but does not support yet: a clearer message than "unsupported".
 PLANNED = {"StableDiffusionXLPipeline": "SDXL"}
 
-__all__ = ["Conditioning", "LatentDistribution", "ModelFamily", "FAMILIES", "load_family", "family_class_for",
-           "weights_dtype"]
+__all__ = ["Conditioning", "FamilyOptions", "LatentDistribution", "ModelFamily", "FAMILIES", "load_family",
+           "family_class_for", "weights_dtype"]
 _PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -44,8 +44,7 @@ def read_model_index(source: str, revision: str | None = None) -> dict:
     try:
         return DiffusionPipeline.load_config(source, revision=revision)
     except Exception as error:  # hub/network/parse errors all mean: this model cannot be used
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BoothkitError(f"cannot load model '{source}': {reason}") from None
+        raise BoothkitError(f"cannot load model '{source}': {first_line(error)}") from None
 
 
 def family_class_for(model_index: dict, source: str) -> type[ModelFamily]:
@@ -60,11 +59,12 @@ def family_class_for(model_index: dict, source: str) -> type[ModelFamily]:
 
 
 def load_family(source: str, revision: str | None = None, variant: str | None = None,
-                torch_dtype: torch.dtype = torch.float32) -> ModelFamily:
-    """Detect the family from `model_index.json` and load its pipeline (hub id or local path)."""
+                torch_dtype: torch.dtype = torch.float32, options: FamilyOptions = FamilyOptions()) -> ModelFamily:
+    """Detect the family from `model_index.json` and load its pipeline (hub id or local path) with `options`
+    (`FamilyOptions.from_config(config)`); `family.with_options` changes them without reloading."""
     family = family_class_for(read_model_index(source, revision), source)
     try:
-        return family.from_pretrained(source, revision=revision, variant=variant, torch_dtype=torch_dtype)
+        return family.from_pretrained(source, revision=revision, variant=variant, torch_dtype=torch_dtype,
+                                      options=options)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BoothkitError(f"cannot load model '{source}': {reason}") from None
+        raise BoothkitError(f"cannot load model '{source}': {first_line(error)}") from None

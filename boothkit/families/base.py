@@ -7,8 +7,9 @@ LoRA, and the family's sampling defaults. Trainer and sampler only talk to this 
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import torch
@@ -16,15 +17,72 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FamilyOptions:
+    """What a family is told at construction. Each family reads the options it has a use for and ignores
+    the rest; about an ignored option the user set (`explicit`), `from_pretrained` warns once.
+
+    Evaluation swaps LoRAs on one loaded pipeline, and each LoRA may have been trained with other
+    prompt-encoding options: `ModelFamily.with_options` gives a family with other options on the same
+    pipeline (no reload), so a family object's options never change after construction.
+    """
+
+    # Prompt encoding (SANA): Gemma tokens per prompt, and the pipeline's complex human instruction.
+    max_sequence_length: int = 300
+    complex_human_instruction: bool = True
+    # Training timestep density and loss weighting of flow-matching families (SANA; SD3, Esser et al. 2024).
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    explicit: frozenset[str] = frozenset()  # the options above that the user set (flag or config file)
+
+    @classmethod
+    def from_config(cls, config) -> "FamilyOptions":
+        """The options a command's pydantic config has (others keep their defaults); `explicit` are those in
+        its `model_fields_set`."""
+        names = {field.name for field in fields(cls)} - {"explicit"}
+        values = {name: getattr(config, name) for name in names if hasattr(config, name)}
+        return cls(**values, explicit=frozenset(config.model_fields_set) & names)
+
+    def with_text(self, max_sequence_length: int, complex_human_instruction: bool) -> "FamilyOptions":
+        """These options with other prompt-encoding options (e.g. those a LoRA was trained with)."""
+        return replace(self, max_sequence_length=max_sequence_length,
+                       complex_human_instruction=complex_human_instruction)
+
+
+def option_flag(name: str, value: object) -> str:
+    """The command-line spelling of an option as set: `--weighting_scheme`, `--no_complex_human_instruction`."""
+    return f"--no_{name}" if value is False else f"--{name}"
+
+
+_seen_prompts: set[tuple] = set()  # the prompts (with what their length is measured against) seen in this process
+
+
+def first_sight(key: tuple) -> bool:
+    """True the first time this process sees `key`: a prompt is measured, and warned about, once."""
+    if key in _seen_prompts:
+        return False
+    _seen_prompts.add(key)
+    return True
+
+
+def warn_if_truncated(prompt: str, count: int, limit: int) -> None:
+    """Warn that the text encoder reads only the first `limit` of a prompt's `count` tokens, if it does."""
+    if count > limit:
+        shown = prompt if len(prompt) <= 40 else prompt[:39].rstrip() + " …"
+        log.warning("prompt '%s' has %d tokens; the text encoder reads the first %d (the rest is ignored)",
+                    shown, count, limit)
+
 
 @dataclass
 class Conditioning:
     """Prompt conditioning for a batch: named tensors that share batch dimension 0."""
 
     tensors: dict[str, torch.Tensor]
-
-    def __len__(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
 
     def index(self, rows: torch.Tensor | list[int] | slice) -> "Conditioning":
         return Conditioning({name: value[rows] for name, value in self.tensors.items()})
@@ -37,13 +95,6 @@ class Conditioning:
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         names = parts[0].tensors.keys()
         return Conditioning({name: torch.cat([part.tensors[name] for part in parts]) for name in names})
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Conditioning":
-        def move(value: torch.Tensor) -> torch.Tensor:
-            cast = dtype if dtype is not None and value.is_floating_point() else None
-            return value.to(device=device, dtype=cast)
-
-        return Conditioning({name: move(value) for name, value in self.tensors.items()})
 
     def detach(self) -> "Conditioning":
         return Conditioning({name: value.detach() for name, value in self.tensors.items()})
@@ -73,9 +124,24 @@ class ModelFamily(ABC):
     default_guidance_scale: ClassVar[float]
     resolution_multiple: ClassVar[int] = 8  # what the family's pipelines accept for height and width
 
-    def __init__(self, pipeline: DiffusionPipeline, source: str):
+    def __init__(self, pipeline: DiffusionPipeline, source: str, options: FamilyOptions = FamilyOptions()):
         self.pipeline = pipeline
         self.source = source
+        self.options = options
+
+    def with_options(self, options: FamilyOptions) -> "ModelFamily":
+        """The same family with other options, sharing this one's pipeline (its modules and loaded LoRAs)."""
+        return type(self)(self.pipeline, self.source, options)
+
+    def unused_options(self) -> dict[str, str]:
+        """Options this family ignores as configured, each with the reason (e.g. SD: `weighting_scheme`)."""
+        return {}
+
+    def warn_unused_options(self) -> None:
+        """One warning per option the user set that this family ignores."""
+        unused = self.unused_options()
+        for name in sorted(self.options.explicit & unused.keys()):
+            log.warning("%s %s", option_flag(name, getattr(self.options, name)), unused[name])
 
     # Loading ---------------------------------------------------------------------------------------
     @classmethod
@@ -85,12 +151,15 @@ class ModelFamily(ABC):
 
     @classmethod
     def from_pretrained(cls, source: str, revision: str | None = None, variant: str | None = None,
-                        torch_dtype: torch.dtype = torch.float32) -> "ModelFamily":
+                        torch_dtype: torch.dtype = torch.float32, options: FamilyOptions = FamilyOptions()
+                        ) -> "ModelFamily":
         pipeline = DiffusionPipeline.from_pretrained(
             source, revision=revision, variant=variant, dtype=torch_dtype, **cls.load_kwargs()
         )
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, source)
+        family = cls(pipeline, source, options)
+        family.warn_unused_options()
+        return family
 
     # Modules ---------------------------------------------------------------------------------------
     @property
@@ -126,16 +195,15 @@ class ModelFamily(ABC):
     @abstractmethod
     def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:
         """Embed prompts exactly as the family's diffusers pipeline does for its positive prompt
-        (`negative=True`: as it does for the negative / empty prompt, where the two differ)."""
+        (`negative=True`: as it does for the negative / empty prompt, where the two differ), after
+        `warn_long_prompts`."""
+
+    @abstractmethod
+    def warn_long_prompts(self, prompts: list[str], negative: bool = False) -> None:
+        """Warn once per prompt (per process: `first_sight`) that the text encoder reads only part of it
+        (`warn_if_truncated`); for prompts given to the pipeline itself (validation images)."""
 
     default_gpu_precision: ClassVar[str | None] = None  # mixed precision when none is asked for, on a GPU
-
-    def configure_text(self, max_sequence_length: int, complex_human_instruction: bool) -> None:
-        """Prompt-encoding options of families that have them (SANA); others ignore them."""
-
-    def configure_training(self, weighting_scheme: str, logit_mean: float, logit_std: float, mode_scale: float
-                           ) -> None:
-        """Timestep-density options of flow-matching families; others ignore them."""
 
     def pipeline_kwargs(self) -> dict:
         """Extra arguments for calls of the family's diffusers pipeline (class images, validation)."""

@@ -18,9 +18,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from boothkit.families.base import Conditioning, ModelFamily
+from boothkit.families.base import Conditioning, FamilyOptions, ModelFamily, first_sight, warn_if_truncated
 
-WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 DEFAULT_CHI: list[str] = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
 
 
@@ -35,21 +34,19 @@ class SanaFamily(ModelFamily):
     resolution_multiple = 32  # SanaPipeline.check_inputs
     default_gpu_precision = "bf16"  # fp16 is known to give NaNs with SANA
 
-    def __init__(self, pipeline, source: str):
-        super().__init__(pipeline, source)
-        self.max_sequence_length = 300
-        self.complex_human_instruction: list[str] | None = list(DEFAULT_CHI)
-        self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale = "none", 0.0, 1.0, 1.29
+    def __init__(self, pipeline, source: str, options: FamilyOptions = FamilyOptions()):
+        super().__init__(pipeline, source, options)
+        self.max_sequence_length = options.max_sequence_length
+        self.complex_human_instruction: list[str] | None = (
+            list(DEFAULT_CHI) if options.complex_human_instruction else None)
         # Training's forward process: rectified-flow sigmas of the model's schedule.
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
 
-    def configure_text(self, max_sequence_length: int, complex_human_instruction: bool) -> None:
-        self.max_sequence_length = max_sequence_length
-        self.complex_human_instruction = list(DEFAULT_CHI) if complex_human_instruction else None
-
-    def configure_training(self, weighting_scheme, logit_mean, logit_std, mode_scale) -> None:
-        self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale = (
-            weighting_scheme, logit_mean, logit_std, mode_scale)
+    def unused_options(self) -> dict[str, str]:
+        scheme = self.options.weighting_scheme
+        needs = {"logit_mean": "logit_normal", "logit_std": "logit_normal", "mode_scale": "mode"}
+        return {name: f"applies to --weighting_scheme {wanted}; this run uses {scheme}"
+                for name, wanted in needs.items() if scheme != wanted}
 
     def pipeline_kwargs(self) -> dict:
         # Resolution binning snaps sizes to SANA's aspect-ratio table, which tiny test sizes are not in.
@@ -58,12 +55,29 @@ class SanaFamily(ModelFamily):
 
     def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:
         """As `SanaPipeline.encode_prompt`: CHI (when on) for positive prompts only, never for the negative."""
+        self.warn_long_prompts(prompts, negative)
+        instruction = None if negative else self.complex_human_instruction
         embeds, mask, _, _ = self.pipeline.encode_prompt(
             list(prompts), do_classifier_free_guidance=False, device=device,
-            max_sequence_length=self.max_sequence_length,
-            complex_human_instruction=None if negative else self.complex_human_instruction,
+            max_sequence_length=self.max_sequence_length, complex_human_instruction=instruction,
         )
         return Conditioning({"encoder_hidden_states": embeds, "encoder_attention_mask": mask})
+
+    def warn_long_prompts(self, prompts: list[str], negative: bool = False) -> None:
+        """`SanaPipeline._get_gemma_prompt_embeds` tokenizes `instruction + prompt.lower().strip()` and cuts it at
+        `len(instruction tokens) + max_sequence_length - 2` tokens (the prompt alone: at `max_sequence_length`).
+        What we count is the user's part: the tokens beyond those of the instruction (or of the bare BOS),
+        against the length left to them (max_sequence_length - 2 with the instruction, - 1 without). Whether a
+        prompt is cut is then exactly the pipeline's test; the count can differ by one from the prompt's own
+        tokenization where its first token merges with the instruction's last."""
+        instruction = None if negative else self.complex_human_instruction
+        tokenizer = self.pipeline.tokenizer
+        prefix = "\n".join(instruction) if instruction else ""
+        for prompt, text in zip(prompts, self.pipeline._text_preprocessing(list(prompts))):
+            if first_sight((self.name, self.max_sequence_length, instruction is not None, prompt)):
+                overhead = len(tokenizer.encode(prefix))
+                read = overhead + self.max_sequence_length - 2 if instruction else self.max_sequence_length
+                warn_if_truncated(prompt, len(tokenizer.encode(prefix + text)) - overhead, read - overhead)
 
     def predict(self, latents, timesteps, conditioning, denoiser=None):
         denoiser = denoiser if denoiser is not None else self.denoiser
@@ -81,12 +95,13 @@ class SanaFamily(ModelFamily):
 
     def _density_sample(self, generator: torch.Generator) -> float:
         """u ∈ [0, 1) from the scheme's timestep density (SD3, Esser et al. 2024, Sec. 3.1)."""
-        if self.weighting_scheme == "logit_normal":
-            normal = torch.randn(1, generator=generator).item() * self.logit_std + self.logit_mean
+        options = self.options
+        if options.weighting_scheme == "logit_normal":
+            normal = torch.randn(1, generator=generator).item() * options.logit_std + options.logit_mean
             return 1.0 / (1.0 + math.exp(-normal))
         u = torch.rand(1, generator=generator).item()
-        if self.weighting_scheme == "mode":
-            return 1.0 - u - self.mode_scale * (math.cos(math.pi * u / 2) ** 2 - 1.0 + u)
+        if options.weighting_scheme == "mode":
+            return 1.0 - u - options.mode_scale * (math.cos(math.pi * u / 2) ** 2 - 1.0 + u)
         return u
 
     def training_sample(self, latents, noise, generators):
@@ -96,5 +111,5 @@ class SanaFamily(ModelFamily):
         timesteps = scheduler.timesteps[indices].to(latents.device)
         sigmas = scheduler.sigmas[indices].to(device=latents.device, dtype=latents.dtype).view(-1, 1, 1, 1)
         noisy = (1.0 - sigmas) * latents + sigmas * noise
-        weights = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas).flatten()
+        weights = compute_loss_weighting_for_sd3(self.options.weighting_scheme, sigmas).flatten()
         return noisy, timesteps, noise - latents, weights

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from boothkit.families.base import Conditioning, ModelFamily
+from boothkit.families.base import Conditioning, FamilyOptions, ModelFamily, first_sight, warn_if_truncated
+
+_FLOW_MATCHING_OPTIONS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -19,8 +21,8 @@ class StableDiffusionFamily(ModelFamily):
     default_inference_steps = 50
     default_guidance_scale = 7.5
 
-    def __init__(self, pipeline, source: str):
-        super().__init__(pipeline, source)
+    def __init__(self, pipeline, source: str, options: FamilyOptions = FamilyOptions()):
+        super().__init__(pipeline, source, options)
         # The forward (noising) process of training: DDPM with the model's own beta schedule.
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
 
@@ -33,12 +35,30 @@ class StableDiffusionFamily(ModelFamily):
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
+    def unused_options(self) -> dict[str, str]:
+        unused = {name: "applies to flow-matching models (SANA); SD trains with DDPM timesteps"
+                  for name in _FLOW_MATCHING_OPTIONS}
+        unused["max_sequence_length"] = (f"applies to SANA; SD's CLIP text encoder reads "
+                                         f"{self.pipeline.tokenizer.model_max_length} tokens")
+        unused["complex_human_instruction"] = "applies to SANA; SD prompts have no complex human instruction"
+        return unused
+
     def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:
         # SD encodes positive and negative prompts alike (padded to 77 tokens, no attention mask).
+        self.warn_long_prompts(prompts, negative)
         embeds, _ = self.pipeline.encode_prompt(
             list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return Conditioning({"encoder_hidden_states": embeds})
+
+    def warn_long_prompts(self, prompts: list[str], negative: bool = False) -> None:
+        """Counted as `StableDiffusionPipeline.encode_prompt` counts before it truncates: BOS + the prompt's
+        tokens + EOS, against the tokenizer's `model_max_length` (77, BOS and EOS included)."""
+        tokenizer = self.pipeline.tokenizer
+        limit = tokenizer.model_max_length
+        for prompt in prompts:
+            if first_sight((self.name, limit, prompt)):
+                warn_if_truncated(prompt, len(tokenizer(prompt).input_ids), limit)
 
     def predict(self, latents, timesteps, conditioning, denoiser=None):
         denoiser = denoiser if denoiser is not None else self.denoiser
