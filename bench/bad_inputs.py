@@ -36,6 +36,7 @@ import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -201,6 +202,15 @@ def first_line(out: str, err: str) -> str:
     return ""
 
 
+_PROGRESS_BAR = re.compile(r"\d+%\||it/s\b|s/it\b")
+
+
+def message_lines(text: str) -> list[str]:
+    """The lines of output that are messages, not progress bars (whose rates could match a number)."""
+    return [line for chunk in text.splitlines() for line in chunk.split("\r")
+            if line.strip() and not _PROGRESS_BAR.search(line)]
+
+
 def judge(row: Row, case: Case, ctx: Ctx, out: str, err: str, tb: str | None) -> None:
     text = out + err
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
@@ -221,8 +231,9 @@ def judge(row: Row, case: Case, ctx: Ctx, out: str, err: str, tb: str | None) ->
         row.problems.append("unexpected error")
     elif row.exit_code != 0 and len(error_lines) != 1:
         row.problems.append("unclear error")
+    lines = message_lines(text)
     if case.says and (row.exit_code == 0) == (case.expect == "ok") and not any(
-            word.lower() in text.lower() for word in case.says):
+            re.search(pattern, line, re.IGNORECASE) for pattern in case.says for line in lines):
         row.problems.append(f"missing mention: output does not mention {' or '.join(map(repr, case.says))}")
     if case.check is not None and row.exit_code == 0 and case.expect != "error":
         problem = case.check(ctx, out, err)
@@ -466,7 +477,7 @@ class Case:
     name: str
     expect: str  # "ok" | "error" | "either"
     build: Callable[[Ctx], list]  # plants the case's files, returns argv
-    says: tuple[str, ...] = ()  # the output must mention one of these
+    says: tuple[str, ...] = ()  # a line of output (not a progress bar) must match one of these regexes
     check: Callable[[Ctx, str, str], str | None] | None = None  # after exit 0: a problem, or None
     note: str = ""
 
@@ -518,6 +529,7 @@ def score_is_finite(c: Ctx, out: str, err: str) -> str | None:
 
 
 LONG_PROMPT = "a photo of sks dog " + " ".join(["sitting on a very long and winding road"] * 20)
+TOKEN_LIMIT_WARNING = r"\b77\b.*token|token.*\b77\b"  # the tiny CLIP text encoder reads 77 tokens
 PID_ALIVE = os.getpid()  # this process: a lock holding it belongs to a live run on this host
 
 
@@ -554,14 +566,15 @@ def _train_input_cases() -> None:
          lambda c: _train(c, photos=_photo_folder(c, "cmyk", "16bit", "rgba", "tiny", "corrupt")), says=("skipping",))
     case("train", "unknown model path", "error", lambda c: _train(c, model=c.dir / "no_such_model"))
     case("train", "hub id that cannot be reached (offline)", "error", lambda c: _train(c, model="nobody/no-such-model"))
-    case("train", "a file given as model", "error", lambda c: _train(c, model=c.file("model.ckpt", b"\0" * 64)))
+    case("train", "a file given as model", "error", lambda c: _train(c, model=c.file("model.ckpt", b"\0" * 64)),
+         says=("is a file", "not a folder", "not a directory"))
     case("train", "non-diffusers folder as model", "error", lambda c: _train(c, model=c.folder(
         "model", {"config.json": '{"hidden_size": 4}', "weights.bin": b"\0" * 16})))
     case("train", "transformers model (DINO) as model", "error", lambda c: _train(c, model=c.ws.model("dino")))
     case("train", "diffusers folder without its unet", "error",
-         lambda c: _train(c, model=_copy_without(c, c.ws.sd15, "model", "unet")))
+         lambda c: _train(c, model=_copy_without(c, c.ws.sd15, "model", "unet")), says=("unet",))
     case("train", "--instance_prompt longer than the token limit (warns)", "ok",
-         lambda c: _train(c, "--instance_prompt", LONG_PROMPT), says=("77",))
+         lambda c: _train(c, "--instance_prompt", LONG_PROMPT), says=(TOKEN_LIMIT_WARNING,))
 
 
 def _train_number_cases() -> None:
@@ -604,7 +617,7 @@ def _train_output_cases() -> None:
     case("train", "--output_dir below a regular file", "error", lambda c: _train(c, out=c.file("f", "x") / "out"))
     case("train", "read-only output folder", "error", _read_only_output)
     case("train", "second run while the first holds the lock", "error", lambda c: _train(
-        c, "--overwrite", out=_locked(c, c.copy(c.ws.run("train")), PID_ALIVE)), says=(str(PID_ALIVE),))
+        c, "--overwrite", out=_locked(c, c.copy(c.ws.run("train")), PID_ALIVE)), says=(rf"\b{PID_ALIVE}\b",))
     case("train", "stale lock (dead pid) is taken over with a notice", "ok", lambda c: _train(
         c, "--overwrite", out=_locked(c, c.copy(c.ws.run("train")), _dead_pid(), protect=False)), says=("lock",))
     case("train", "lock held on another host", "error", lambda c: _train(
@@ -697,7 +710,7 @@ def _sample_cases() -> None:
     case("sample", "--mixed_precision fp16 on a CPU", "either", lambda c: _sample(c, *prompt, "--mixed_precision", "fp16"))
     case("sample", "no prompt at all", "error", lambda c: _sample(c))
     case("sample", "prompt longer than the token limit (warns)", "ok", lambda c: _sample(c, "--prompt", LONG_PROMPT),
-         says=("77",))
+         says=(TOKEN_LIMIT_WARNING,))
     for what, name, content in [
         ("not UTF-8", "prompts.txt", b"\xff\xfea sks dog\x80\n"), ("malformed JSON", "prompts.json", '["a sks dog", '),
         ("empty", "prompts.txt", ""), ("only comments and blank lines", "prompts.txt", "# prompts\n\n"),
@@ -733,7 +746,7 @@ def _sample_output_cases(prompt: tuple[str, str]) -> None:
     case("sample", "--output_dir is the photos folder", "error", lambda c: _sample(c, *prompt, out=c.photos()))
     case("sample", "--output_dir below a regular file", "error", lambda c: _sample(c, *prompt, out=c.file("f", "x") / "o"))
     case("sample", "second run while the first holds the lock", "error", lambda c: _sample(
-        c, *prompt, "--overwrite", out=_locked(c, c.copy(c.ws.run("sample")), PID_ALIVE)), says=(str(PID_ALIVE),))
+        c, *prompt, "--overwrite", out=_locked(c, c.copy(c.ws.run("sample")), PID_ALIVE)), says=(rf"\b{PID_ALIVE}\b",))
 
 
 def _score(c: Ctx, *extra, images: Path | None = None, references: Path | None = None) -> list:
@@ -809,7 +822,7 @@ def _evaluate_output_cases() -> None:
          lambda c: (lambda layout: _evaluate(c, "--overwrite", layout=layout, out=layout["instance"]))(own_layout(c)))
     case("evaluate", "--output_dir below a regular file", "error", lambda c: _evaluate(c, out=c.file("f", "x") / "o"))
     case("evaluate", "second run while the first holds the lock", "error", lambda c: _evaluate(
-        c, "--overwrite", out=_locked(c, c.copy(c.ws.run("evaluate")), PID_ALIVE)), says=(str(PID_ALIVE),))
+        c, "--overwrite", out=_locked(c, c.copy(c.ws.run("evaluate")), PID_ALIVE)), says=(rf"\b{PID_ALIVE}\b",))
 
 
 def _tiny_cases() -> None:
@@ -817,7 +830,8 @@ def _tiny_cases() -> None:
     case("tiny", "unknown kind", "error", lambda c: ["tiny", "sd99", c.dir / "model"])
     case("tiny", "out_dir is a file", "error", lambda c: ["tiny", "sd15", c.file("model", "mine")])
     case("tiny", "out_dir holds user files", "error", lambda c: ["tiny", "sd15", c.user_files(c.dir / "m", *USER_FILES)])
-    case("tiny", "out_dir below a regular file", "error", lambda c: ["tiny", "sd15", c.file("f", "x") / "model"])
+    case("tiny", "out_dir below a regular file", "error", lambda c: ["tiny", "sd15", c.file("f", "x") / "model"],
+         says=("is a file", "not a folder", "not a directory"))
     case("tiny", "--seed that is not a number", "error", lambda c: ["tiny", "sd15", c.dir / "model", "--seed", "x"])
 
 

@@ -75,6 +75,9 @@ def test_a_changed_pre_existing_file_is_found(workspace):
 
 
 def test_a_traceback_and_a_missing_mention_are_found(workspace, monkeypatch):
+    # A rate in a progress bar ("12.77it/s") must not count as mentioning the token limit 77.
+    assert bad_inputs.message_lines("load: 50%|##  | 1/2 [00:01, 12.77it/s]\rwarning: 99 tokens\n") == [
+        "warning: 99 tokens"]
     row = run_case(1, Case("tiny", "says", "error", lambda c: ["tiny", "nonsense", "x"], says=("sd99",)), workspace)
     assert row.problems == ["unclear error: output does not mention 'sd99'"]
     monkeypatch.setattr(bad_inputs.cli, "build_parser", lambda: 1 / 0)
