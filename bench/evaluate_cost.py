@@ -2,8 +2,10 @@
 
 Runs `boothkit evaluate --method cfg --optimize lambda --tolerance 0.05` on [-10, 10] for one subject with the
 SD-1.5-shaped bench model (random LoRA) and tiny DINO / CLIP scorers, then runs the same command again.
-Prints: evaluations the search needed (target <= 16), seconds per objective evaluation (generation +
-scoring), and the cached re-run's time and its count of module forward calls (target: 0).
+Prints: evaluations the search needed (target <= 16; the progress bar's total must equal it), seconds per
+objective evaluation (generation + scoring), and the fully cached re-run's time (target: well under a second:
+every cache key is a content digest, computed without loading any model) and its count of module forward
+calls (target: 0).
 
     python bench/evaluate_cost.py [--resolution 128] [--steps 10] [--prompts 2]
 """
@@ -21,8 +23,9 @@ import torch
 
 from boothkit.data.images import sample_subject_dir
 from boothkit.evaluate.config import EvaluateConfig
+from boothkit.evaluate.run import run_evaluate
 from boothkit.evaluate.runner import Evaluator
-from boothkit.evaluate.search import run_evaluate
+from boothkit.evaluate.search import expected_evaluations
 from boothkit.testing.tiny import build_sd_bench, build_tiny
 from guidance_cost import write_random_loras
 
@@ -49,9 +52,9 @@ def timed_evaluations(evaluator_class=Evaluator) -> list[float]:
     seconds: list[float] = []
     original = evaluator_class.evaluate
 
-    def timed(self, entry, setting):
+    def timed(self, subject, setting):
         start = time.perf_counter()
-        result = original(self, entry, setting)
+        result = original(self, subject, setting)
         seconds.append(time.perf_counter() - start)
         return result
 
@@ -72,7 +75,7 @@ def main() -> None:
         shutil.copytree(sample_subject_dir(), work / "instance" / "dog")
         (work / "prompts.json").write_text(json.dumps({"subjects": ["dog"], "prompts": PROMPTS[: args.prompts]}))
         config = EvaluateConfig(
-            pretrained_model_path=str(model), lora_base_dir=str(work / "loras"),
+            pretrained_model_name_or_path=str(model), lora_base_dir=str(work / "loras"),
             instance_data_dir=str(work / "instance"), evaluation_prompts_path=str(work / "prompts.json"),
             output_dir=str(work / "eval"), method="cfg", optimize="lambda", tolerance=0.05,
             lambda_range=(-10.0, 10.0), num_inference_steps=args.steps, height=args.resolution,
@@ -83,15 +86,17 @@ def main() -> None:
         start = time.perf_counter()
         results = run_evaluate(config)
         first_run = time.perf_counter() - start
-        evaluations = len(results[0].history)
+        evaluations = len(results.subjects[0].history)
         fresh = seconds[:]
         with ForwardCounter() as counter:
             start = time.perf_counter()
             again = run_evaluate(config)
             cached_run = time.perf_counter() - start
-    assert again[0].best == results[0].best
+    assert again.subjects[0].best == results.subjects[0].best
+    assert evaluations == expected_evaluations(config)
     print(f"{args.resolution}px, {args.steps} DDIM steps, {args.prompts} prompts x 1 image, tolerance 0.05 on [-10, 10]")
-    print(f"golden-section evaluations: {evaluations} (target <= 16)")
+    print(f"golden-section evaluations: {evaluations} (target <= 16; progress bar total "
+          f"{expected_evaluations(config)})")
     print(f"seconds per objective evaluation: {sum(fresh) / len(fresh):.2f} (first run {first_run:.1f} s in all, "
           "model loading included)")
     print(f"fully cached re-run: {cached_run:.2f} s, module forward calls: {counter.calls} (target 0)")

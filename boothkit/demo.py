@@ -59,12 +59,13 @@ def run_demo(root: Path = DEMO_DIR) -> int:
     print(f"  validation images:        {lora_dir / 'validation'}")
     print(f"  class images:             {root / 'class_images' / subject}")
     print(f"  guided samples:           {', '.join(str(root / 'samples' / m) for m in SAMPLE_METHODS)}")
-    print(f"  evaluation reports:       {', '.join(str(root / 'evaluation' / m / 'report.html') for m in SAMPLE_METHODS)}")
+    print(f"  evaluation (all methods): {root / 'evaluation' / 'report.html'}")
     return 0
 
 
 def evaluate_demo(root: Path, model: Path) -> int:
-    """Score the demo subject with each method; the search is short because the model is tiny and random."""
+    """Score the demo subject with each method into one folder (one report compares them); the search is short
+    because the model is tiny and random."""
     scorers = {kind: root / "models" / f"tiny-{kind}" for kind in ("dino", "clip")}
     for kind, folder in scorers.items():
         if not (folder / "config.json").is_file():
@@ -72,12 +73,14 @@ def evaluate_demo(root: Path, model: Path) -> int:
     prompts = files("boothkit") / "assets" / "prompts_and_classes.txt"
     for method in SAMPLE_METHODS:
         search = ["--optimize", "both", "--omega_grid", "0.0", "0.5", "1.0"] if method == "wig" else ["--optimize"]
+        # The first method starts the folder afresh (the LoRA was just retrained); the others add to it.
+        fresh = ["--overwrite"] if method == SAMPLE_METHODS[0] else []
         code = cli_main([
-            "evaluate", "--pretrained_model_path", str(model), "--lora_base_dir", str(root / "lora"),
+            "evaluate", "--pretrained_model_name_or_path", str(model), "--lora_base_dir", str(root / "lora"),
             "--instance_data_dir", str(sample_subject_dir().parent), "--evaluation_prompts_path", str(prompts),
-            "--output_dir", str(root / "evaluation" / method), "--method", method, "--max_prompts", "3",
+            "--output_dir", str(root / "evaluation"), "--method", method, "--max_prompts", "3",
             "--num_inference_steps", "10", "--tolerance", "2", "--max_evaluations", "6", "--cfg_scale", "7.5",
-            "--dino_model", str(scorers["dino"]), "--clip_model", str(scorers["clip"]), *search,
+            "--dino_model", str(scorers["dino"]), "--clip_model", str(scorers["clip"]), *search, *fresh,
         ])
         if code != 0:
             return code

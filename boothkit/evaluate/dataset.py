@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from boothkit.errors import BoothkitError
+from boothkit.errors import BoothkitError, first_line
 
 __all__ = [
     "LIVE_CLASSES",
@@ -252,7 +252,7 @@ def load_evaluation_prompts(path: str | Path) -> EvaluationPrompts:
     try:
         text = source.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise BoothkitError(f"cannot read evaluation prompts file '{source}': {_one_line(exc)}") from None
+        raise BoothkitError(f"cannot read evaluation prompts file '{source}': {first_line(exc)}") from None
     stripped = text.strip()
     if not stripped:
         raise BoothkitError(f"evaluation prompts file '{source}' is empty")
@@ -264,10 +264,6 @@ def load_evaluation_prompts(path: str | Path) -> EvaluationPrompts:
         f"evaluation prompts file '{source}' is neither JSON nor a DreamBooth prompts_and_classes.txt "
         "(no 'subject_name,class' table)"
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -307,7 +303,7 @@ def _load_json(source: Path, text: str) -> EvaluationPrompts:
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError, and so is a duplicate key
-        raise BoothkitError(f"evaluation prompts file '{source}' is not valid JSON: {_one_line(exc)}") from None
+        raise BoothkitError(f"evaluation prompts file '{source}' is not valid JSON: {first_line(exc)}") from None
     if not isinstance(data, dict) or not data:
         raise BoothkitError(
             f"evaluation prompts file '{source}' must hold a JSON object: "
