@@ -492,12 +492,15 @@ def case(command: str, name: str, expect: str, build: Callable[[Ctx], list], say
 # ---------------------------------------------------------------------------------------- checks
 
 
-def help_is_complete(c: Ctx, out: str, err: str) -> str | None:
-    if "PydanticUndefined" in out:
-        return "help shows '(default: PydanticUndefined)'"
-    if "--overwrite" in out and "--no_overwrite" not in out:
-        return "help hides the --no_... form of boolean flags"
-    return None
+def help_is_complete(boolean_flag: str | None) -> Callable[[Ctx, str, str], str | None]:
+    """--help shows real defaults, and both forms of a boolean flag of the command's schema."""
+    def check(c: Ctx, out: str, err: str) -> str | None:
+        if "PydanticUndefined" in out:
+            return "help shows '(default: PydanticUndefined)'"
+        if boolean_flag and f"--no_{boolean_flag}" not in out:
+            return f"help hides --no_{boolean_flag} (the --no_... form of boolean flags)"
+        return None
+    return check
 
 
 def samples_agree(c: Ctx, out: str, err: str) -> str | None:
@@ -541,9 +544,10 @@ def _general_cases() -> None:
     case("boothkit", "--version", "ok", lambda c: ["--version"], note="issue 9 §6")
     case("boothkit", "no arguments", "error", lambda c: [])
     case("boothkit", "unknown command", "error", lambda c: ["frobnicate"])
-    for command in ("train", "sample", "evaluate", "score", "tiny"):
+    for command, boolean_flag in [("train", "cache_latents"), ("sample", "overwrite"), ("evaluate", "keep_identifier"),
+                                  ("score", "keep_identifier"), ("tiny", None)]:
         case(command, "--help shows real defaults and --no_ switches", "ok", lambda c, cmd=command: [cmd, "--help"],
-             check=help_is_complete)
+             check=help_is_complete(boolean_flag))
 
 
 def _train(c: Ctx, *extra, photos: Path | None = None, out: Path | None = None, model: Path | None = None) -> list:
