@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
 from boothkit.errors import BoothkitError
-from boothkit.families import ModelFamily, load_family, weights_dtype
+from boothkit.families import FamilyOptions, load_family, weights_dtype
 from boothkit.guidance.adapters import text_options
-from boothkit.guidance.config import SampleConfig, SamplerOptions
-from boothkit.guidance.rules import make_guidance
+from boothkit.guidance.config import SampleConfig
+from boothkit.guidance.rules import default_guidance_scale, make_guidance
 from boothkit.guidance.sampler import GeneratedImage, GuidedSampler, SamplerSettings, load_guidance_adapters
-from boothkit.io import guard_output_dir, save_image_atomic, write_json_atomic
+from boothkit.guidance.settings import image_name, sampler_settings
+from boothkit.io import save_image_atomic, write_json_atomic
+from boothkit.layout import SAMPLES_NAME, OutputFolder, check_output_folder, weak_dir
 
 
 def read_prompts(config: SampleConfig) -> list[str]:
@@ -23,7 +25,10 @@ def read_prompts(config: SampleConfig) -> list[str]:
         path = Path(config.prompts_file)
         if not path.is_file():
             raise BoothkitError(f"prompts file '{path}' does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise BoothkitError(f"prompts file '{path}' is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
         if path.suffix.lower() == ".json":
             try:
                 data = json.loads(text)
@@ -39,53 +44,41 @@ def read_prompts(config: SampleConfig) -> list[str]:
     return prompts
 
 
-def slug(prompt: str, limit: int = 60) -> str:
-    """`a sks dog, in the snow!` → `a_sks_dog_in_the_snow` (file-name safe)."""
-    return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:limit].rstrip("_") or "prompt"
-
-
-def image_name(index: int, prompt: str) -> str:
-    return f"{index:04d}_{slug(prompt)}.png"
-
-
-def sampler_settings(family: ModelFamily, options: SamplerOptions) -> SamplerSettings:
-    """The sampler's settings for `sample` and `evaluate`: the user's flags, else the family's defaults."""
-    resolution = family.default_resolution
-    settings = SamplerSettings(
-        num_inference_steps=options.num_inference_steps or family.default_inference_steps,
-        height=options.height or resolution, width=options.width or resolution,
-        scheduler=options.scheduler or family.default_scheduler, batch_size=options.batch_size,
-    )
-    if settings.height % family.resolution_multiple or settings.width % family.resolution_multiple:
-        raise BoothkitError(f"--height and --width must be multiples of {family.resolution_multiple} for "
-                            f"{family.name} models")
-    return settings
-
-
 def run_sample(config: SampleConfig) -> list[Path]:
     prompts = read_prompts(config)
-    output_dir = guard_output_dir(config.output_dir, config.overwrite, "is not empty; pass --overwrite to write into it")
+    output_dir = check_output_folder(config.output_dir, "sample", overwrite=config.overwrite,
+                                     hint="pass --overwrite to replace the images of the earlier run")
+    with OutputFolder(output_dir, "sample") as folder:  # one writer per folder, from here on
+        family, guidance, adapters = _load(config)
+        settings = sampler_settings(family, config)
+        images = GuidedSampler(family, guidance, settings, adapters).iterate(
+            prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
+        folder.clear()  # an earlier run's images would disagree with the new samples.json
+        return write_samples(folder, images, config, guidance, settings)
+
+
+def _load(config: SampleConfig):
+    """The family on its device, the guidance rule, and the LoRA adapters it needs."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = weights_dtype(config.mixed_precision, device)
-    family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, dtype)
-    family.configure_text(*text_options(config, config.lora_dir))
-    scale = config.guidance_scale if config.guidance_scale is not None else family.default_guidance_scale
+    options = FamilyOptions.from_config(config).with_text(*text_options(config, config.lora_dir))
+    family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, dtype, options)
+    scale = config.guidance_scale if config.guidance_scale is not None else \
+        default_guidance_scale(config.method, family.default_guidance_scale)
     guidance = make_guidance(config.method, scale, config.cfg_scale, config.omega)  # λ = 0 is a valid scale
     adapters = load_guidance_adapters(family, config.lora_dir, config.weak_checkpoint_path, guidance)
     family.pipeline.to(device)
-    settings = sampler_settings(family, config)
-    images = GuidedSampler(family, guidance, settings, adapters).generate(
-        prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
-    return write_samples(output_dir, images, config, guidance, settings)
+    return family, guidance, adapters
 
 
-def write_samples(output_dir: Path, images: list[GeneratedImage], config: SampleConfig, guidance,
+def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config: SampleConfig, guidance,
                   settings: SamplerSettings) -> list[Path]:
-    """`NNNN_<prompt-slug>.png` for each image and `samples.json` describing how each was made."""
-    weak = config.weak_checkpoint_path or (str(Path(config.lora_dir) / "weak") if config.lora_dir else None)
+    """`NNNN_<prompt-slug>.png` for each image as soon as it is made, and `samples.json` describing how each
+    was made, rewritten after every image: if the run stops, the folder and samples.json still agree."""
+    weak = config.weak_checkpoint_path or (str(weak_dir(config.lora_dir)) if config.lora_dir else None)
     records, paths = [], []
     for index, generated in enumerate(images):
-        path = output_dir / image_name(index, generated.prompt)
+        path = folder.path(image_name(index, generated.prompt))
         save_image_atomic(generated.image, path)
         paths.append(path)
         records.append({
@@ -96,5 +89,5 @@ def write_samples(output_dir: Path, images: list[GeneratedImage], config: Sample
             "model": config.pretrained_model_name_or_path, "lora_dir": config.lora_dir,
             "weak_lora": weak if guidance.needs_weak else None,
         })
-    write_json_atomic(output_dir / "samples.json", records)
+        write_json_atomic(folder.path(SAMPLES_NAME), records)
     return paths
