@@ -126,9 +126,11 @@ def test_resume_is_bit_identical(sana, tmp_path, run_cli):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     args = ("--max_train_steps", 8, "--checkpointing_steps", 4, "--train_batch_size", 2)
     assert run_cli(*train_args(sana, whole, *args)).code == 0
-    resumed.mkdir()
-    shutil.copytree(whole / "checkpoint-4", resumed / "checkpoint-4")  # as if stopped after step 4
-    assert run_cli(*train_args(sana, resumed, *args, "--resume_from_checkpoint", "latest")).code == 0
+    # As if stopped after step 4 (the folder as boothkit left it, without the final LoRA).
+    shutil.copytree(whole, resumed)
+    (resumed / "pytorch_lora_weights.safetensors").unlink()
+    result = run_cli(*train_args(sana, resumed, *args, "--resume_from_checkpoint", "latest"))
+    assert result.code == 0, result.err
     expected, got = (load_file(d / "pytorch_lora_weights.safetensors") for d in (whole, resumed))
     assert all(torch.equal(expected[key], got[key]) for key in expected)
 
