@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,17 @@ def test_long_sana_prompt_warns_once_with_the_users_tokens(sana, instruction, fa
     family_warnings.clear()
     family.encode_prompts([fits], CPU)
     assert family_warnings == []
+
+
+def test_a_file_or_an_incomplete_folder_as_model_is_named_clearly(sd15, tmp_path):
+    from boothkit.errors import BoothkitError
+
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"\0" * 64)
+    with pytest.raises(BoothkitError, match="is a file; give the folder"):
+        load_family(str(checkpoint))
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(sd15, incomplete, ignore=shutil.ignore_patterns("unet"))
+    with pytest.raises(BoothkitError, match="lacks its 'unet' folder"):
+        load_family(str(incomplete))
+    assert load_family(str(sd15)).name == "sd"  # a complete folder without a safety checker still loads

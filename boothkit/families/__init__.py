@@ -37,14 +37,28 @@ def read_model_index(source: str, revision: str | None = None) -> dict:
     """The pipeline's `model_index.json`, from a local folder or the hub; a clear error otherwise."""
     if _looks_local(source):
         folder = Path(source).expanduser()
+        if folder.is_file():
+            raise BoothkitError(f"model '{source}' is a file; give the folder of a diffusers pipeline (single-file "
+                                "checkpoints are not supported yet)")
         if not folder.is_dir():
             raise BoothkitError(f"model '{source}' not found: no such folder")
         if not (folder / "model_index.json").is_file():
             raise BoothkitError(f"model folder '{source}' is not a diffusers pipeline (no model_index.json)")
     try:
-        return DiffusionPipeline.load_config(source, revision=revision)
+        index = DiffusionPipeline.load_config(source, revision=revision)
     except Exception as error:  # hub/network/parse errors all mean: this model cannot be used
         raise BoothkitError(f"cannot load model '{source}': {first_line(error)}") from None
+    return index
+
+
+def _check_components(folder: Path, index: dict, skipped: set[str]) -> None:
+    """Every component `model_index.json` names (e.g. `unet`) that will be loaded has its folder: a clear line
+    instead of diffusers' "no file named config.json found in directory" about the pipeline's folder."""
+    for name, spec in index.items():
+        if name.startswith("_") or name in skipped or not isinstance(spec, (list, tuple)) or None in spec:
+            continue
+        if not (folder / name).is_dir():
+            raise BoothkitError(f"model folder '{folder}' lacks its '{name}' folder (model_index.json names it)")
 
 
 def family_class_for(model_index: dict, source: str) -> type[ModelFamily]:
@@ -62,7 +76,10 @@ def load_family(source: str, revision: str | None = None, variant: str | None = 
                 torch_dtype: torch.dtype = torch.float32, options: FamilyOptions = FamilyOptions()) -> ModelFamily:
     """Detect the family from `model_index.json` and load its pipeline (hub id or local path) with `options`
     (`FamilyOptions.from_config(config)`); `family.with_options` changes them without reloading."""
-    family = family_class_for(read_model_index(source, revision), source)
+    index = read_model_index(source, revision)
+    family = family_class_for(index, source)
+    if _looks_local(source):
+        _check_components(Path(source).expanduser(), index, skipped=set(family.load_kwargs()))
     try:
         return family.from_pretrained(source, revision=revision, variant=variant, torch_dtype=torch_dtype,
                                       options=options)
