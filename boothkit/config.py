@@ -22,7 +22,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticUndefined
 
-from boothkit.errors import BoothkitError
+from boothkit.errors import BoothkitError, first_line
 
 Schema = TypeVar("Schema", bound="CommandConfig")
 
@@ -137,8 +137,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BoothkitError(f"config file '{path}' is malformed: {first_line}") from None
+        raise BoothkitError(f"config file '{path}' is malformed: {first_line(error)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

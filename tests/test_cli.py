@@ -319,7 +319,7 @@ def test_messages_and_docs_name_only_flags_that_exist():
 def _fail_in_tiny(monkeypatch, error: BaseException, open_bar: bool = False) -> None:
     """Make `boothkit tiny` raise `error`, optionally with a progress bar left open on stderr."""
 
-    def fail(kind, out_dir, seed=0):
+    def fail(kind, out_dir, seed=0, overwrite=False):
         if open_bar:
             bar = tqdm(total=10, desc="generating", file=sys.stderr)
             bar.update(3)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from boothkit.errors import BoothkitError
+from boothkit.errors import BoothkitError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ Equal to Pillow's own hard limit (2 x ``Image.MAX_IMAGE_PIXELS`` by default): ab
 for any camera photo, while a bomb would need gigabytes of memory."""
 
 _HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
-_MAX_REASON_CHARS = 200
 
 
 class UnreadableImageError(BoothkitError):
@@ -62,14 +61,6 @@ class UnreadableImageError(BoothkitError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"cannot read image {_quote(self.path)}: {reason}")
-
-
-def _one_line(text: str) -> str:
-    """Collapse whitespace (including newlines) so that `text` prints on one line, and shorten it."""
-    text = re.sub(r"\s+", " ", text).strip()
-    if len(text) > _MAX_REASON_CHARS:
-        text = text[: _MAX_REASON_CHARS - 3] + "..."
-    return text
 
 
 def _quote(path: Path | str) -> str:
@@ -118,7 +109,7 @@ def list_image_files(folder: str | os.PathLike[str], what: str = "image folder")
     try:
         entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()]
     except OSError as exc:
-        reason = _one_line(exc.strerror or str(exc))
+        reason = first_line(exc.strerror or exc)
         raise BoothkitError(f"cannot list {what} {_quote(folder)}: {reason}") from exc
     images = sorted((p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
     hint = _unsupported_hint(entries)
@@ -146,7 +137,7 @@ def _reason(exc: BaseException) -> str:
         return "file does not exist"
     if isinstance(exc, MemoryError):
         return "not enough memory to decode it"
-    detail = _one_line(str(exc)) or type(exc).__name__
+    detail = first_line(exc)
     return f"corrupt or truncated image data ({detail})"
 
 
@@ -173,7 +164,7 @@ def _open_image(path: Path, max_pixels: int | None) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
     except Image.DecompressionBombError as exc:
-        reason = f"image is too large; possible decompression bomb ({_one_line(str(exc))})"
+        reason = f"image is too large; possible decompression bomb ({first_line(exc)})"
         raise UnreadableImageError(path, reason) from exc
     except UnreadableImageError:
         raise
@@ -204,7 +195,7 @@ def _apply_exif_orientation(image: Image.Image, path: Path) -> Image.Image:
     try:
         return ImageOps.exif_transpose(image)
     except Exception as exc:  # malformed EXIF must not make a good photo unusable
-        logger.warning("ignoring unreadable EXIF orientation of %s: %s", _quote(path), _one_line(str(exc)))
+        logger.warning("ignoring unreadable EXIF orientation of %s: %s", _quote(path), first_line(exc))
         return image
 
 
@@ -271,7 +262,7 @@ def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
             return _composite_on_white(image)
         return image.convert("RGB")  # also copies an RGB image, detaching it from the open file
     except ValueError as exc:  # Pillow has no conversion for this mode
-        reason = f"unsupported colour mode {image.mode} ({_one_line(str(exc))})"
+        reason = f"unsupported colour mode {image.mode} ({first_line(exc)})"
         raise UnreadableImageError(path, reason) from exc
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from boothkit.errors import BoothkitError
+from boothkit.errors import BoothkitError, first_line
 
 DINO_PROTOCOL_RESIZE_RATIO: float = 256 / 224
 """DINO evaluation protocol: the shorter side is resized to 256 before a 224 crop; other sizes keep the ratio."""
@@ -66,10 +66,7 @@ def _is_missing_local_path(name: str) -> bool:
 
 
 def _load_error(what: str, name: str, error: BaseException | str) -> BoothkitError:
-    text = " ".join(str(error).split()) or type(error).__name__
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return BoothkitError(f"cannot load {what} model '{name}': {text}")
+    return BoothkitError(f"cannot load {what} model '{name}': {first_line(error)}")
 
 
 def _config_model_type(what: str, name: str) -> str:
@@ -239,7 +236,7 @@ def model_preprocessing(what: str, name: str, model_config: Any) -> ImagePreproc
             processor = AutoImageProcessor.from_pretrained(name, backend="pil")
             return preprocessing_of(processor, f"image processor of {name}")
     except Exception as error:  # malformed JSON, unknown processor class, unsupported steps
-        raise _load_error(what, name, f"unusable image processor config ({' '.join(str(error).split())})") from error
+        raise _load_error(what, name, f"unusable image processor config ({first_line(error)})") from error
     return dino_protocol(model_config.image_size)
 
 

@@ -21,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from boothkit.errors import BoothkitError
+from boothkit.errors import BoothkitError, first_line
 from boothkit.families.base import ModelFamily
 from boothkit.layout import LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME
 
@@ -56,8 +56,7 @@ def load_adapter(family: ModelFamily, path: str | Path, name: str, what: str) ->
     except BoothkitError:
         raise
     except Exception as error:  # shape or key mismatches surface as several exception types
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BoothkitError(f"{what} '{path}' does not fit model '{family.source}': {reason[:300]}") from None
+        raise BoothkitError(f"{what} '{path}' does not fit model '{family.source}': {first_line(error)}") from None
     loaded = sum(len(get_peft_model_state_dict(module, adapter_name=name)) for module in _adapted_modules(family, name))
     if loaded == 0 or loaded < len(file_keys):
         raise BoothkitError(
