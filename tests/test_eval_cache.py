@@ -139,11 +139,14 @@ def test_changing_one_thing_recomputes(work, computed, change):
     assert best_key(work) == computed[0]
 
 
-def test_a_new_scoring_version_recomputes(work, computed, monkeypatch):
-    import boothkit.evaluate.scoring as scoring
+@pytest.mark.parametrize("module, name", [("boothkit.evaluate.scoring", "SCORING_VERSION"),
+                                          ("boothkit.evaluate.keys", "SAMPLING_VERSION")])
+def test_a_new_code_version_recomputes(work, computed, monkeypatch, module, name):
+    import importlib
 
+    target = importlib.import_module(module)
     before = best_key(work)
-    monkeypatch.setattr(scoring, "SCORING_VERSION", scoring.SCORING_VERSION + 1)
+    monkeypatch.setattr(target, name, getattr(target, name) + 1)
     run(work)
     assert len(computed) == 1 and computed[0] != before
 

@@ -10,20 +10,24 @@ Nothing is keyed by a name, a size or a date. The key holds
   so `--scheduler ddim` and the default DDIM share their results), the negative prompt, the precision,
   the prompt-encoding options the LoRA is sampled with, the method, λ, ω and (ag) the CFG scale s;
 * the metric models' identities (`--dino_model`, `--clip_model`), the identifier and `--keep_identifier`;
-* `scoring.SCORING_VERSION`, the version of the scoring code.
+* `scoring.SCORING_VERSION` and `sampler.SAMPLING_VERSION`, the versions of boothkit's scoring and sampling
+  code, and the versions of the libraries that compute images and scores (torch, diffusers, transformers, peft).
 
 Computing a key reads files (their digests are memoised per process) but loads no model.
 """
 
 from __future__ import annotations
 
+from importlib import metadata
+
 from boothkit import identity
 from boothkit.evaluate import scoring
 from boothkit.evaluate.config import EvaluateConfig
 from boothkit.evaluate.results import Setting
 from boothkit.evaluate.subjects import Subject
-from boothkit.guidance.sampler import SamplerSettings
+from boothkit.guidance.sampler import SAMPLING_VERSION, SamplerSettings
 
+_LIBRARY_VERSIONS = {name: metadata.version(name) for name in ("torch", "diffusers", "transformers", "peft")}
 KEY_LENGTH = 24  # hex digits of SHA-256 kept in folder names (96 bits)
 
 
@@ -64,7 +68,8 @@ class EvaluationKeys:
     def key(self, subject: Subject, setting: Setting) -> str:
         """The key of evaluating `setting` for `subject`."""
         return identity.value_digest({
-            "scoring_version": scoring.SCORING_VERSION, "run": self.run_identity,
+            "scoring_version": scoring.SCORING_VERSION, "sampling_version": SAMPLING_VERSION,
+            "libraries": _LIBRARY_VERSIONS, "run": self.run_identity,
             "subject": self.subject_identity(subject),
             "guidance_scale": _number(setting.guidance_scale), "omega": _number(setting.omega),
         })[:KEY_LENGTH]

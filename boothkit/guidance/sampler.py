@@ -24,6 +24,11 @@ from boothkit.guidance.rules import Branch, Guidance
 from boothkit.guidance.schedulers import make_scheduler
 
 
+SAMPLING_VERSION = 2
+"""Version of the sampling code: bump it when a change alters the images of the same settings (evaluation
+caches are keyed on it). 2: `flow_euler` takes the model's flow shift."""
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     num_inference_steps: int
