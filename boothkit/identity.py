@@ -1,13 +1,17 @@
 """Content identity: what a cached result, or a resumed run, depends on — by content, never by name or size.
 
 One helper for every cache (evaluation results today; latents, masks, PDM features later) and for the
-run identity a checkpoint records. Digests are SHA-256 of the bytes. A file is read once per process for
-each (path, size, mtime, inode, ctime) it has; any rewrite of the file changes one of these, so the memo
-never answers for changed content.
+run identity a checkpoint records. Digests are SHA-256 of the bytes.
+
+A file is read once for each (path, size, mtime, inode, ctime) it has — the stat signature git's index uses
+too: any write, rename or `touch` of a file changes its ctime, which no user tool can set back, so the memo
+never answers for changed content. The memo lives in the process and in `BOOTHKIT_CACHE_DIR` (default
+`~/.cache/boothkit`)/`digests.json`, so a cached evaluation of a 5 GB model does not hash 5 GB again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,31 +19,65 @@ from pathlib import Path
 from typing import Any, Iterable
 
 _CHUNK = 1 << 20
-_memo: dict[tuple, str] = {}
+_MEMO_LIMIT = 50_000  # entries kept on disk
+_memo: dict[str, str] | None = None
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's bytes."""
+def _memo_file() -> Path:
+    root = os.environ.get("BOOTHKIT_CACHE_DIR") or Path.home() / ".cache" / "boothkit"
+    return Path(root) / "digests.json"
+
+
+def _load_memo() -> dict[str, str]:
+    global _memo
+    if _memo is None:
+        try:
+            _memo = dict(json.loads(_memo_file().read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            _memo = {}
+    return _memo
+
+
+def _save_memo() -> None:
+    from boothkit.io import write_json_atomic
+
+    memo = _load_memo()
+    try:  # merge what other processes saved meanwhile; a lost entry only costs one more read of a file
+        memo = {**json.loads(_memo_file().read_text(encoding="utf-8")), **memo}
+    except (OSError, ValueError, TypeError):
+        pass
+    kept = dict(list(memo.items())[-_MEMO_LIMIT:])
+    with contextlib.suppress(OSError):  # a read-only home: the memo stays in the process
+        write_json_atomic(_memo_file(), kept)
+
+
+def file_digest(path: str | os.PathLike, save: bool = True) -> str:
+    """SHA-256 (hex) of a file's bytes (`save=False`: the caller saves the memo once for many files)."""
     path = Path(path).expanduser().resolve()
     stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
-    if key not in _memo:
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
+    memo = _load_memo()
+    if key not in memo:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
-        _memo[key] = digest.hexdigest()
-    return _memo[key]
+        memo[key] = digest.hexdigest()
+        if save:
+            _save_memo()
+    return memo[key]
 
 
 def files_digest(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
     """One digest of several files: their names (relative to `root`, else the base name) and contents,
     independent of the order given."""
-    entries = []
+    entries, known = [], len(_load_memo())
     for path in paths:
         path = Path(path)
         name = path.relative_to(root).as_posix() if root is not None else path.name
-        entries.append((name, file_digest(path)))
+        entries.append((name, file_digest(path, save=False)))
+    if len(_load_memo()) != known:
+        _save_memo()
     return value_digest(sorted(entries))
 
 

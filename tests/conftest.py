@@ -13,6 +13,15 @@ from boothkit.data.images import sample_subject_dir
 from boothkit.testing.tiny import build_tiny
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digest_memo(tmp_path_factory):
+    """Content digests are memoised on disk (`boothkit.identity`): keep the tests' memo out of ~/.cache."""
+    import os
+
+    os.environ["BOOTHKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("boothkit-cache"))
+    yield
+
+
 @dataclass
 class CliResult:
     code: int
