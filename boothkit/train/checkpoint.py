@@ -2,8 +2,10 @@
 
 A checkpoint holds the trainable (LoRA) tensors in safetensors, the optimizer, LR-schedule and
 grad-scaler states (`torch.save`, read back with `weights_only=True`) and `state.json`. It is assembled in
-a hidden folder and renamed into place, so `latest` never picks a half-written checkpoint. No RNG state
-is needed: training draws are keyed by step (see `boothkit.seeding`).
+a `.boothkit-tmp-` folder and renamed into place (`state.json` last), so `latest` never picks a half-written
+checkpoint. Its files are claimed in the output folder's manifest first, and pruning removes only those
+(`boothkit.layout`). No RNG state is needed: training draws are keyed by step (see `boothkit.seeding`).
+`state.json` also records the run's identity (`boothkit.train.run_identity`), which a resume must match.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from boothkit.errors import BoothkitError
 from boothkit.io import atomic_path
+from boothkit.layout import CHECKPOINT_PREFIX, OutputFolder, checkpoint_name
+from boothkit.train.lora import check_finite
 
-PREFIX = "checkpoint-"
-_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+STATE_NAME = "state.json"
 
 
 @dataclass
@@ -44,13 +47,37 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for path in output_dir.iterdir():
         match = _NAME.match(path.name)
-        if match and (path / "state.json").is_file():
+        if match and (path / STATE_NAME).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
 
-def save_checkpoint(output_dir: str | Path, checkpoint: Checkpoint, total_limit: int | None) -> Path:
-    target = Path(output_dir) / f"{PREFIX}{checkpoint.step}"
+def _file_names(checkpoint: Checkpoint) -> list[str]:
+    names = ["trainable.safetensors", "optimizer.pt", "lr_scheduler.pt"]
+    if checkpoint.grad_scaler is not None:
+        names.append("grad_scaler.pt")
+    return names + [STATE_NAME]
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def save_checkpoint(folder: OutputFolder, checkpoint: Checkpoint, total_limit: int | None) -> Path:
+    """Write `checkpoint-N/` (its files claimed in `folder`'s manifest first), then keep the newest
+    `total_limit` checkpoints. Non-finite weights or optimizer moments are refused (one line)."""
+    name = checkpoint_name(checkpoint.step)
+    check_finite(checkpoint.trainable, f"checkpoint {name}")
+    optimizer_tensors = {str(i): t for i, t in enumerate(_tensors(checkpoint.optimizer.get("state", {})))}
+    check_finite(optimizer_tensors, f"the optimizer state of checkpoint {name}")
+    folder.claim(*(f"{name}/{file}" for file in _file_names(checkpoint)))
+    target = folder.root / name
     with atomic_path(target) as staging:
         staging.mkdir()
         save_file(checkpoint.trainable, staging / "trainable.safetensors")
@@ -59,20 +86,29 @@ def save_checkpoint(output_dir: str | Path, checkpoint: Checkpoint, total_limit:
         if checkpoint.grad_scaler is not None:
             torch.save(checkpoint.grad_scaler, staging / "grad_scaler.pt")
         info = dict(checkpoint.info, step=checkpoint.step)
-        (staging / "state.json").write_text(json.dumps(info, indent=2) + "\n")
+        (staging / STATE_NAME).write_text(json.dumps(info, indent=2) + "\n")
         for file in staging.iterdir():  # durable before the rename makes the checkpoint visible
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
     if total_limit is not None:
-        for _, old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        for _, old in list_checkpoints(folder.root)[:-total_limit]:
+            folder.remove(old.name)
     return target
+
+
+def remove_checkpoints_after(folder: OutputFolder, step: int) -> list[str]:
+    """Remove (boothkit's files of) the checkpoints newer than `step`: the abandoned continuation of a run
+    resumed from an older checkpoint. Returns their names."""
+    removed = [path.name for later, path in list_checkpoints(folder.root) if later > step]
+    for name in removed:
+        folder.remove(name)
+    return removed
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     try:
-        info = json.loads((path / "state.json").read_text())
+        info = json.loads((path / STATE_NAME).read_text())
         scaler_file = path / "grad_scaler.pt"
         return Checkpoint(
             step=int(info["step"]),
@@ -96,6 +132,6 @@ def resolve_resume(output_dir: str | Path, spec: str | None) -> Path | None:
     candidate = Path(spec)
     if not candidate.is_dir():
         candidate = Path(output_dir) / spec
-    if not (candidate / "state.json").is_file():
+    if not (candidate / STATE_NAME).is_file():
         raise BoothkitError(f"--resume_from_checkpoint '{spec}' is not a boothkit checkpoint folder")
     return candidate

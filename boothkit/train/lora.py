@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -10,10 +9,14 @@ import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from boothkit.errors import BoothkitError
 from boothkit.families.base import ModelFamily
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from boothkit.formats.metadata import encode_prompt_encoding
+from boothkit.io import atomic_path
+from boothkit.layout import LORA_WEIGHT_NAME, TMP_PREFIX, lora_file
 
 
 def attach_lora(module: torch.nn.Module, targets: tuple[str, ...], rank: int, alpha: float, seed: int) -> None:
@@ -56,16 +59,45 @@ def _adapter_metadata(module: torch.nn.Module) -> dict:
     return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
-def save_lora(family: ModelFamily, modules: dict[str, torch.nn.Module], directory: str | Path) -> Path:
-    """Write `directory/pytorch_lora_weights.safetensors` atomically (saved aside, then renamed in place)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def prompt_encoding_settings(family: ModelFamily) -> dict:
+    """How `family` embeds prompts, for the LoRA file's metadata (`boothkit.formats.metadata`): SANA's
+    `max_sequence_length` and complex human instruction as configured; otherwise the text encoder's token
+    limit and no instruction."""
+    length = getattr(family, "max_sequence_length", None)
+    if length is None:
+        length = getattr(getattr(family.pipeline, "tokenizer", None), "model_max_length", None)
+    return {"family": family.name, "max_sequence_length": None if length is None else int(length),
+            "complex_human_instruction": bool(getattr(family, "complex_human_instruction", None))}
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse (one line) to save tensors holding NaN or ±inf: such weights only ever produce black images."""
+    bad = [name for name, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise BoothkitError(f"will not save {what}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[0]}); "
+                            "the training diverged (try a lower --learning_rate)")
+
+
+def save_lora(family: ModelFamily, modules: dict[str, torch.nn.Module], directory: str | Path,
+              prompt_encoding: dict | None = None) -> Path:
+    """Write `directory/pytorch_lora_weights.safetensors` with diffusers' keys and metadata, plus
+    `boothkit.prompt_encoding` (default: `prompt_encoding_settings(family)`), atomically and with umask
+    permissions. Non-finite weights are refused before anything is written."""
     layers = {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module)) for name, module in modules.items()}
     layers = {name: {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
               for name, state in layers.items()}
+    check_finite({f"{name}.{key}": value for name, state in layers.items() for key, value in state.items()},
+                 f"the LoRA in '{directory}'")
     metadata = {name: _adapter_metadata(module) for name, module in modules.items()}
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".lora-") as staging:
-        family.save_lora_weights(staging, layers, metadata)
-        target = directory / LORA_WEIGHT_NAME
-        os.replace(Path(staging) / LORA_WEIGHT_NAME, target)
+    target = lora_file(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=TMP_PREFIX) as scratch:
+        family.save_lora_weights(scratch, layers, metadata)  # diffusers' key names and metadata
+        written = Path(scratch) / LORA_WEIGHT_NAME
+        with safe_open(str(written), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            file_metadata = dict(handle.metadata() or {})
+    file_metadata.update(encode_prompt_encoding(prompt_encoding or prompt_encoding_settings(family)))
+    with atomic_path(target) as staging:
+        save_file(tensors, str(staging), metadata=file_metadata)
     return target

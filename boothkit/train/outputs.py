@@ -1,43 +1,17 @@
-"""The training output folder: guarding earlier results, the resolved config, and the loss log."""
+"""The training output folder's own files: the resolved config and the loss log (names: `boothkit.layout`)."""
 
 from __future__ import annotations
 
 import csv
 import io
-import shutil
 from importlib import metadata
 from pathlib import Path
 
-from boothkit.io import guard_output_dir, write_json_atomic, write_text_atomic
-from boothkit.train.checkpoint import list_checkpoints
+from boothkit.io import write_json_atomic, write_text_atomic
+from boothkit.layout import TRAIN_CONFIG_NAME, OutputFolder
 from boothkit.train.config import TrainConfig
-from boothkit.train.lora import LORA_WEIGHT_NAME
 
-LOG_NAME = "train_log.csv"
-CONFIG_NAME = "train_config.json"
-WEAK_DIR = "weak"
-VALIDATION_DIR = "validation"
 _LIBRARIES = ("boothkit", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
-
-
-def check_output_dir(config: TrainConfig, resuming: bool) -> Path:
-    """Refuse to write into a non-empty folder unless the user asked to overwrite or there is a run to resume."""
-    if config.resume_from_checkpoint:
-        hint = "has no checkpoint to resume and is not empty; pass --overwrite to start a new run there"
-    else:
-        hint = ("is not empty; pass --overwrite to replace its outputs or --resume_from_checkpoint latest "
-                "to continue the run")
-    return guard_output_dir(config.output_dir, config.overwrite or resuming, hint)
-
-
-def clear_previous_outputs(output_dir: Path) -> None:
-    """With --overwrite: remove what an earlier boothkit run wrote (and nothing else)."""
-    for _, checkpoint in list_checkpoints(output_dir):
-        shutil.rmtree(checkpoint)
-    for name in (WEAK_DIR, VALIDATION_DIR):
-        shutil.rmtree(output_dir / name, ignore_errors=True)
-    for name in (LORA_WEIGHT_NAME, LOG_NAME, CONFIG_NAME):
-        (output_dir / name).unlink(missing_ok=True)
 
 
 def library_versions() -> dict[str, str]:
@@ -50,14 +24,15 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_train_config(output_dir: Path, config: TrainConfig, resolved: dict) -> None:
-    write_json_atomic(output_dir / CONFIG_NAME, {
-        "config": config.model_dump(), "resolved": resolved, "versions": library_versions(),
-    })
+def write_train_config(folder: OutputFolder, config: TrainConfig, resolved: dict) -> Path:
+    path = folder.path(TRAIN_CONFIG_NAME)
+    write_json_atomic(path, {"config": config.model_dump(), "resolved": resolved, "versions": library_versions()})
+    return path
 
 
 class TrainLog:
-    """`train_log.csv` (step, loss, lr); a resumed run keeps the rows up to its checkpoint and goes on."""
+    """`train_log.csv` (step, loss, lr); a resumed run keeps the rows up to its checkpoint and goes on.
+    `path` must already be claimed in the output folder's manifest."""
 
     FIELDS = ("step", "loss", "lr")
 

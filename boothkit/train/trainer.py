@@ -9,33 +9,39 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
+from PIL import Image
 from tqdm.auto import tqdm
 
 from boothkit import seeding
 from boothkit.data.images import load_image_folder, warn_small_images
 from boothkit.errors import BoothkitError
-from boothkit.families import ModelFamily, family_class_for, load_family, read_model_index, weights_dtype
+from boothkit.families import FamilyOptions, ModelFamily, family_class_for, load_family, read_model_index, weights_dtype
 from boothkit.families.base import Conditioning
+from boothkit.layout import (LORA_WEIGHT_NAME, TRAIN_LOG_NAME, OutputFolder, check_output_folder, lora_file,
+                             weak_dir)
 from boothkit.train import checkpoint as ckpt
 from boothkit.train.class_images import generate_class_images, missing_class_indices
 from boothkit.train.config import TrainConfig
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
-from boothkit.train.lora import attach_lora, load_trainable_state, save_lora, trainable_parameters, trainable_state
-from boothkit.train.outputs import (LOG_NAME, VALIDATION_DIR, WEAK_DIR, TrainLog, check_output_dir,
-                                    clear_previous_outputs, write_train_config)
-from boothkit.train.validation import save_validation_images
+from boothkit.train.lora import (attach_lora, load_trainable_state, prompt_encoding_settings, save_lora,
+                                 trainable_parameters, trainable_state)
+from boothkit.train.outputs import TrainLog, write_train_config
+from boothkit.train.run_identity import check_same_run, run_identity
+from boothkit.train.validation import save_validation_images, validation_image_names
 
 log = logging.getLogger(__name__)
+WEAK_LORA = lora_file(weak_dir(""))  # weak/pytorch_lora_weights.safetensors, relative to the output folder
 
 
 @dataclass
@@ -54,7 +60,7 @@ class Run:
     config: TrainConfig
     accelerator: Accelerator
     family: ModelFamily
-    output_dir: Path
+    folder: OutputFolder | None  # the locked output folder (main process only: the others write nothing there)
     resolution: int
     denoiser: torch.nn.Module  # as prepared by accelerate (DDP-wrapped on several GPUs)
     trainable: dict[str, torch.nn.Module]
@@ -66,39 +72,81 @@ class Run:
     prompts: dict[str, Conditioning]  # cached embeddings, empty when the text encoder trains
     order: SampleOrder
     start_step: int
+    identity: dict | None  # what each checkpoint records, and a resume must match (`run_identity`)
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) a training; returns where the LoRA files are."""
-    run = _prepare(config)
-    main = run.accelerator.is_main_process
-    train_log = TrainLog(run.output_dir / LOG_NAME, keep_until_step=run.start_step) if main else None
+    """Run (or resume) a training; returns where the LoRA files are.
+
+    Every process checks the output folder before any writes there; the main process then holds it (lock and
+    manifest, `boothkit.layout`) for the whole run and is the only one that writes into it.
+    """
+    accelerator = _accelerator(config)
+    resume_path = ckpt.resolve_resume(config.output_dir, config.resume_from_checkpoint)
+    output_dir = check_output_folder(config.output_dir, "train", overwrite=config.overwrite,
+                                     reuse=resume_path is not None, hint=_output_dir_hint(config))
+    instance_files = _check_inputs(config)
+    accelerator.wait_for_everyone()
+    main = accelerator.is_main_process
+    with OutputFolder(output_dir, "train") if main else contextlib.nullcontext() as folder:
+        run = _prepare(config, accelerator, folder, resume_path, instance_files)
+        loss = _train_steps(run)
+        lora_path = lora_file(output_dir)
+        if main:
+            save_lora(run.family, run.trainable, folder.path(LORA_WEIGHT_NAME).parent)
+            if config.validation_prompt:
+                _validate(run, config.max_train_steps)
+        accelerator.wait_for_everyone()
+    weak = output_dir / WEAK_LORA
+    return TrainResult(output_dir, lora_path, weak if weak.exists() else None, loss, main)
+
+
+def _check_inputs(config: TrainConfig) -> list[tuple[Path, Image.Image]]:
+    """What can be checked cheaply fails before the output folder is touched; returns the instance photos."""
+    instance_files = load_image_folder(config.instance_data_dir, "instance data folder")
+    family_class_for(read_model_index(config.pretrained_model_name_or_path, config.revision),
+                     config.pretrained_model_name_or_path)
+    class_dir = Path(config.class_data_dir) if config.with_prior_preservation else None
+    if class_dir is not None and class_dir.exists() and not class_dir.is_dir():
+        raise BoothkitError(f"class data folder '{class_dir}' is not a folder")
+    return instance_files
+
+
+def _output_dir_hint(config: TrainConfig) -> str:
+    if config.resume_from_checkpoint:
+        return "it has no checkpoint to resume; pass --overwrite to start a new run there"
+    return "pass --overwrite to replace its outputs or --resume_from_checkpoint latest to continue the run"
+
+
+def _train_steps(run: Run) -> float:
+    """The optimizer steps from the start (or resumed) step to the end; returns the last loss."""
+    config, main = run.config, run.accelerator.is_main_process
+    train_log = TrainLog(run.folder.path(TRAIN_LOG_NAME), keep_until_step=run.start_step) if main else None
     bar = tqdm(total=config.max_train_steps, initial=run.start_step, desc="training", unit="step", disable=not main)
     loss = float("nan")
-    for step in range(run.start_step + 1, config.max_train_steps + 1):
-        loss = _optimizer_step(run, step - 1)
-        lr = run.lr_scheduler.get_last_lr()[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if main:
-            train_log.append(step, loss, lr)
-            _after_step(run, step)
-    bar.close()
-    lora_path = run.output_dir / "pytorch_lora_weights.safetensors"
-    if main:
-        train_log.close()
-        lora_path = save_lora(run.family, run.trainable, run.output_dir)
-        if config.validation_prompt:
-            _validate(run, config.max_train_steps)
-    run.accelerator.wait_for_everyone()
-    weak = run.output_dir / WEAK_DIR / lora_path.name
-    return TrainResult(run.output_dir, lora_path, weak if weak.exists() else None, loss, main)
+    try:
+        for step in range(run.start_step + 1, config.max_train_steps + 1):
+            loss = _optimizer_step(run, step - 1)
+            if not math.isfinite(loss):  # the same (reduced) value on every process: all stop here
+                raise BoothkitError(f"training stopped at step {step}: the loss became {loss} (try a lower "
+                                    "--learning_rate); nothing of this step or later was saved")
+            lr = run.lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if main:
+                train_log.append(step, loss, lr)
+                _after_step(run, step)
+    finally:
+        bar.close()
+        if train_log is not None:
+            train_log.close()
+    return loss
 
 
 def _after_step(run: Run, step: int) -> None:
     config = run.config
     if step == config.resolved_weak_step:
-        save_lora(run.family, run.trainable, run.output_dir / WEAK_DIR)
+        save_lora(run.family, run.trainable, run.folder.path(WEAK_LORA).parent)
     if step % config.checkpointing_steps == 0 and step < config.max_train_steps:
         _save_checkpoint(run, step)
     if config.validation_prompt and step % config.validation_steps == 0 and step < config.max_train_steps:
@@ -106,9 +154,9 @@ def _after_step(run: Run, step: int) -> None:
 
 
 def _validate(run: Run, step: int) -> None:
+    paths = run.folder.claim(*validation_image_names(step, run.config.num_validation_images))
     with run.accelerator.autocast():
-        save_validation_images(run.family, run.config.validation_prompt, run.config.num_validation_images,
-                               run.config.seed, run.resolution, run.output_dir / VALIDATION_DIR, step)
+        save_validation_images(run.family, run.config.validation_prompt, run.config.seed, run.resolution, paths)
 
 
 def _save_checkpoint(run: Run, step: int) -> None:
@@ -117,9 +165,10 @@ def _save_checkpoint(run: Run, step: int) -> None:
         step=step, trainable=trainable_state(run.trainable), optimizer=run.optimizer.state_dict(),
         lr_scheduler=run.lr_scheduler.state_dict(), grad_scaler=scaler.state_dict() if scaler else None,
         info={"seed": run.config.seed, "max_train_steps": run.config.max_train_steps, "rank": run.config.rank,
-              "optimizer": type(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer).__name__},
+              "optimizer": type(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer).__name__,
+              "run": run.identity},
     )
-    ckpt.save_checkpoint(run.output_dir, state, run.config.checkpoints_total_limit)
+    ckpt.save_checkpoint(run.folder, state, run.config.checkpoints_total_limit)
 
 
 # The step ------------------------------------------------------------------------------------------
@@ -185,67 +234,79 @@ def _average_text_encoder_gradients(run: Run) -> None:
 
 # Set-up ---------------------------------------------------------------------------------------------
 
-def _prepare(config: TrainConfig) -> Run:
-    accelerator = _accelerator(config)
-    resume_path = ckpt.resolve_resume(config.output_dir, config.resume_from_checkpoint)
-    output_dir = check_output_dir(config, resuming=resume_path is not None)
+def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder | None, resume_path: Path | None,
+             instance_files: list[tuple[Path, Image.Image]]) -> Run:
     resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
-    instance_files = load_image_folder(config.instance_data_dir, "instance data folder")
     weight_dtype = weights_dtype(accelerator.mixed_precision, accelerator.device)  # LoRA weights stay float32
-    family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype)
+    family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype,
+                         FamilyOptions.from_config(config))
     family.pipeline.to(accelerator.device)
     if accelerator.mixed_precision == "fp16" and family.default_gpu_precision == "bf16":
         log.warning("fp16 is known to give NaNs with %s models; --mixed_precision bf16 is safer", family.name)
-    family.configure_text(config.max_sequence_length, config.complex_human_instruction)
-    family.configure_training(config.weighting_scheme, config.logit_mean, config.logit_std, config.mode_scale)
     resolution = config.resolution or family.default_resolution
     if resolution % family.resolution_multiple:
         raise BoothkitError(f"--resolution {resolution} must be a multiple of {family.resolution_multiple} for "
                             f"{family.name} models")
     warn_small_images(instance_files, resolution)
-    instance_images = [image for _, image in instance_files]
-    class_images = _class_images(config, family, accelerator, resolution)
+    class_files = _class_images(config, family, accelerator, resolution)
+    targets = _lora_targets(config, family)
+    identity = None
+    if resumed is not None or (folder is not None and config.checkpointing_steps < config.max_train_steps):
+        identity = run_identity(config, [path for path, _ in instance_files], [path for path, _ in class_files],
+                                resolution, targets, prompt_encoding_settings(family))
+    if resumed is not None:
+        _check_resumable(resumed, identity, config.resume_from_checkpoint)
     for module in family.frozen_modules():
         module.requires_grad_(False)
     options = ImageOptions(resolution, config.center_crop, config.random_flip, config.cache_latents)
-    instance = LatentBank(family, instance_images, options, "instance", stream=0)
-    classes = LatentBank(family, class_images, options, "class", stream=1) if class_images else None
+    instance = LatentBank(family, [image for _, image in instance_files], options, "instance", stream=0)
+    classes = LatentBank(family, [image for _, image in class_files], options, "class", stream=1) if class_files else None
     prompts = _cached_prompts(config, family, accelerator.device)
     if prompts and not config.validation_prompt and accelerator.device.type == "cuda":
         # Nothing needs the text encoder any more (SANA's Gemma-2 is ~5 GB in bf16): free its GPU memory.
         for text_encoder in family.text_encoders:
             text_encoder.to("cpu")
         torch.cuda.empty_cache()
-    trainable = _attach_adapters(config, family, weight_dtype)
+    trainable = _attach_adapters(config, family, weight_dtype, targets)
     optimizer, lr_scheduler = _optimizer(config, trainable)
     if resumed is not None:
         _restore(resumed, config, trainable, optimizer, lr_scheduler, accelerator)
         log.info("resuming from %s (step %d)", resume_path, resumed.step)
     denoiser, optimizer = accelerator.prepare(family.denoiser, optimizer)
-    if accelerator.is_main_process:
-        _tidy_output_dir(config, output_dir, resumed)
-        write_train_config(output_dir, config, _resolved(config, family, resolution, accelerator))
+    if folder is not None:
+        _tidy_output_dir(config, folder, resumed)
+        write_train_config(folder, config, _resolved(config, family, resolution, accelerator))
     accelerator.wait_for_everyone()
     dataset_length = max(len(instance), len(classes) if classes else 0)
-    return Run(config, accelerator, family, output_dir, resolution, denoiser, trainable,
+    return Run(config, accelerator, family, folder, resolution, denoiser, trainable,
                trainable_parameters(trainable), optimizer, lr_scheduler,
                instance, classes, prompts, SampleOrder(dataset_length, config.seed),
-               resumed.step if resumed else 0)
+               resumed.step if resumed else 0, identity)
 
 
-def _tidy_output_dir(config: TrainConfig, output_dir: Path, resumed: ckpt.Checkpoint | None) -> None:
-    """Main process only: what an earlier run left that this run must not mix with its own outputs."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+def _check_resumable(resumed: ckpt.Checkpoint, identity: dict, spec: str) -> None:
+    recorded = resumed.info.get("run")
+    if recorded is None:
+        log.warning("checkpoint step %d records no run identity (an older boothkit wrote it): boothkit cannot "
+                    "check that it comes from a run with these photos, prompts, model and seed", resumed.step)
+    check_same_run(recorded, identity, spec)
+
+
+def _tidy_output_dir(config: TrainConfig, folder: OutputFolder, resumed: ckpt.Checkpoint | None) -> None:
+    """Main process only: what an earlier run left that this run must not mix with its own outputs. Only
+    boothkit's files (the manifest's) are removed; a user's file beside them stays."""
     if resumed is None:
         if config.resume_from_checkpoint:
-            log.info("no checkpoint to resume in '%s': starting a new run", output_dir)
+            log.info("no checkpoint to resume in '%s': starting a new run", folder.root)
         if config.overwrite:
-            clear_previous_outputs(output_dir)
+            removed = folder.clear()
+            if removed:
+                log.info("--overwrite: removed the %d files of the earlier run in '%s'", removed, folder.root)
         return
-    for step, path in ckpt.list_checkpoints(output_dir):
-        if step > resumed.step:  # the abandoned continuation of the run resumed from an older checkpoint
-            log.info("removing %s: it is newer than the checkpoint this run resumes from", path.name)
-            shutil.rmtree(path)
+    folder.remove_staging()  # what a killed run was writing
+    for name in ckpt.remove_checkpoints_after(folder, resumed.step):
+        # the abandoned continuation of the run resumed from an older checkpoint
+        log.info("removing %s: it is newer than the checkpoint this run resumes from", name)
 
 
 def _accelerator(config: TrainConfig) -> Accelerator:
@@ -261,22 +322,30 @@ def _accelerator(config: TrainConfig) -> Accelerator:
     return Accelerator(mixed_precision=precision)
 
 
-def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int) -> list:
-    """Generate the missing class images (split across processes), then use the first `num_class_images`."""
+def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int
+                  ) -> list[tuple[Path, Image.Image]]:
+    """Generate the missing class images (split across processes), then use the first `num_class_images`.
+
+    Every process must split the same list of missing images: the main process lists the folder once all
+    processes are here (none has written yet) and sends its list to the others; had each process listed the
+    folder itself, a fast one could already have written images that a slow one then no longer counts as
+    missing, and the two would split different lists (some images never made, others made twice).
+    """
     if not config.with_prior_preservation:
         return []
     folder = Path(config.class_data_dir)
-    if folder.exists() and not folder.is_dir():
-        raise BoothkitError(f"class data folder '{folder}' is not a folder")
-    missing = missing_class_indices(folder, config.num_class_images)
+    accelerator.wait_for_everyone()
+    missing = [missing_class_indices(folder, config.num_class_images) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        missing = broadcast_object_list(missing, from_process=0)
+    missing = missing[0]
     mine = missing[accelerator.process_index::accelerator.num_processes]
     generate_class_images(family, folder, config.class_prompt, mine, config.sample_batch_size, config.seed,
                           resolution)
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # every image is written before any process reads the folder
     if missing and accelerator.is_main_process:
         log.info("generated %d class images in %s", len(missing), folder)
-    files = load_image_folder(folder, "class data folder")
-    return [image for _, image in files[:config.num_class_images]]
+    return load_image_folder(folder, "class data folder")[:config.num_class_images]
 
 
 @torch.no_grad()
@@ -290,16 +359,23 @@ def _cached_prompts(config: TrainConfig, family: ModelFamily, device: torch.devi
     return {name: family.encode_prompts([text], device).detach() for name, text in prompts.items()}
 
 
-def _attach_adapters(config: TrainConfig, family: ModelFamily, weight_dtype: torch.dtype) -> dict:
-    trainable = {family.denoiser_name: family.denoiser}
+def _lora_targets(config: TrainConfig, family: ModelFamily) -> dict[str, tuple[str, ...]]:
+    """The LoRA target layers of each trained module: {denoiser name: ..., ["text_encoder": ...]}."""
+    targets = {family.denoiser_name: _denoiser_targets(config, family)}
     if config.train_text_encoder:
         if not family.text_encoder_lora_targets:
             raise BoothkitError(f"--train_text_encoder is not supported for {family.name} models")
-        trainable["text_encoder"] = family.text_encoder
+        targets["text_encoder"] = family.text_encoder_lora_targets
+    return targets
+
+
+def _attach_adapters(config: TrainConfig, family: ModelFamily, weight_dtype: torch.dtype,
+                     targets: dict[str, tuple[str, ...]]) -> dict:
+    trainable = {name: family.denoiser if name == family.denoiser_name else family.text_encoder for name in targets}
     for index, (name, module) in enumerate(trainable.items()):
         module.train()  # transformers' checkpointing layers only checkpoint in training mode (dropout is 0)
-        targets = _denoiser_targets(config, family) if name == family.denoiser_name else family.text_encoder_lora_targets
-        attach_lora(module, targets, config.rank, config.resolved_lora_alpha, seeding.derived_seed(config.seed, "lora_init", index))
+        attach_lora(module, targets[name], config.rank, config.resolved_lora_alpha,
+                    seeding.derived_seed(config.seed, "lora_init", index))
         if config.gradient_checkpointing:
             _enable_gradient_checkpointing(module)
     if weight_dtype != torch.float32:

@@ -1,0 +1,78 @@
+"""The identity of a training run, recorded in each checkpoint's `state.json` and checked on resume.
+
+A checkpoint only continues the run that wrote it: the same photos (by content), prompts, class images,
+base model (by content, or the hub commit), seed, resolution and LoRA shape, and the same samples per
+step. Options that may change on resume (max_train_steps, checkpointing, validation, learning-rate
+schedule...) are not part of it. Digests come from `boothkit.identity`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from boothkit import identity
+from boothkit.errors import BoothkitError
+from boothkit.train.config import TrainConfig
+
+# What each recorded entry is, for the one-line refusal ("the instance photos differ ...").
+DESCRIPTIONS = {
+    "instance_photos": "the instance photos",
+    "instance_prompt": "the instance prompt (--instance_prompt)",
+    "class_prompt": "the class prompt (--class_prompt)",
+    "class_images": "the class images",
+    "prompt_encoding": "the prompt encoding (--max_sequence_length, --complex_human_instruction)",
+    "model": "the model (--pretrained_model_name_or_path)",
+    "seed": "the seed (--seed)",
+    "resolution": "the resolution (--resolution)",
+    "rank": "the LoRA rank (--rank)",
+    "lora_alpha": "the LoRA alpha (--lora_alpha)",
+    "train_text_encoder": "--train_text_encoder",
+    "lora_targets": "the LoRA layers (--lora_layers)",
+    "train_batch_size": "--train_batch_size",
+    "gradient_accumulation_steps": "--gradient_accumulation_steps",
+}
+_PLURAL = {"instance_photos", "class_images"}
+
+
+def run_identity(config: TrainConfig, instance_files: Sequence[Path], class_files: Sequence[Path],
+                 resolution: int, lora_targets: dict[str, Sequence[str]], prompt_encoding: dict) -> dict:
+    """What a checkpoint of this run must have been written by (JSON-serialisable). `lora_targets`: the
+    target layers of each trained module; `prompt_encoding`: `boothkit.train.lora.prompt_encoding_settings`."""
+    prior = config.with_prior_preservation
+    return {
+        "instance_photos": identity.files_digest(instance_files),
+        "instance_prompt": config.instance_prompt,
+        "class_prompt": config.class_prompt if prior else None,
+        "prompt_encoding": prompt_encoding,
+        "class_images": identity.files_digest(class_files) if prior else None,
+        "model": identity.model_identity(config.pretrained_model_name_or_path, config.revision, config.variant),
+        "seed": config.seed,
+        "resolution": resolution,
+        "rank": config.rank,
+        "lora_alpha": config.lora_alpha,  # as set: its default follows --rank
+        "train_text_encoder": config.train_text_encoder,
+        "lora_targets": {name: sorted(layers) for name, layers in lora_targets.items()},
+        "train_batch_size": config.train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+    }
+
+
+def differences(recorded: dict, current: dict) -> list[str]:
+    """Names of the entries that differ (an entry the checkpoint did not record is not compared)."""
+    return [name for name in DESCRIPTIONS if name in recorded and recorded[name] != current.get(name)]
+
+
+def check_same_run(recorded: dict | None, current: dict, checkpoint: str) -> None:
+    """Refuse, in one line naming what differs, to continue another run's checkpoint."""
+    if recorded is None:
+        return
+    changed = differences(recorded, current)
+    if not changed:
+        return
+    described = [DESCRIPTIONS[name] for name in changed]
+    listed = described[0] if len(described) == 1 else ", ".join(described[:-1]) + " and " + described[-1]
+    verb = "differ" if len(changed) > 1 or changed[0] in _PLURAL else "differs"
+    raise BoothkitError(f"cannot resume: {listed} {verb} from the checkpoint's "
+                        f"run (--resume_from_checkpoint {checkpoint}); start a new run with --overwrite or "
+                        "another --output_dir")
