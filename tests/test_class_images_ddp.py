@@ -13,6 +13,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+import boothkit
+
 from test_train import assert_same_weights, train_args, trained_weights
 
 CLASS_IMAGES = 4
@@ -72,7 +74,9 @@ def test_two_processes_generate_each_class_image_once_and_train_like_one(sd15, i
                *map(str, train_args(sd15, instance_dir, out, "--max_train_steps", 4, "--learning_rate", 1e-3,
                                     "--train_text_encoder", "--train_batch_size", 1, "--overwrite", *prior,
                                     "--class_data_dir", tmp_path / "class_ddp"))]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", GENERATION_LOG=str(generation_log))
+    source = str(Path(boothkit.__file__).parents[1])  # the processes run the boothkit this test imports
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", GENERATION_LOG=str(generation_log),
+               PYTHONPATH=os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])))
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert completed.returncode == 0, completed.stderr[-2000:]
 
