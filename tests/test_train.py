@@ -357,6 +357,9 @@ def test_unknown_flag_and_bad_values(sd15, instance_dir, tmp_path, run_cli):
                           "multiple of 8")
     assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "o", "--adam_beta2", 1.0)),
                           "--adam_beta2")
+    for value in (-1.01, 1.76):  # outside [-1, 2/(pi-2)] the mode density is no density (SD3, Eq. 20)
+        assert_one_line_error(run_cli(*train_args(sd15, instance_dir, tmp_path / "o", "--mode_scale", value)),
+                              "--mode_scale")
 
 
 def test_a_lora_file_is_never_half_written(sd15, instance_dir, tmp_path, run_cli):

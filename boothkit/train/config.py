@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -55,7 +56,9 @@ class TrainConfig(ModelSourceOptions):
         "none", description="SANA: timestep density / loss weighting (SD3).")
     logit_mean: float = Field(0.0, description="SANA: mean of the logit-normal density.")
     logit_std: float = Field(1.0, gt=0, description="SANA: std of the logit-normal density.")
-    mode_scale: float = Field(1.29, description="SANA: scale of the mode density.")
+    # The mode density f(u) = 1 − u − s·(cos²(πu/2) − 1 + u) maps [0, 1] monotonically onto [0, 1] only for
+    # −1 ≤ s ≤ 2/(π − 2) (Esser et al. 2024, Eq. 20); outside, timesteps fall outside the schedule.
+    mode_scale: float = Field(1.29, ge=-1, le=2 / (math.pi - 2), description="SANA: scale of the mode density.")
     lora_layers: str | None = Field(None, description="Comma-separated LoRA target modules (default: the family's).")
     max_sequence_length: int = Field(300, ge=1, description="SANA: prompt tokens.")
     complex_human_instruction: bool = Field(True, description="SANA: prepend the pipeline's complex human "
