@@ -82,7 +82,9 @@ def test_every_listed_kind_builds_loads_and_runs(tiny, kind):
     """Each kind `boothkit tiny` offers builds, loads with the standard `from_pretrained` and produces finite
     output: a kind listed without a builder, or whose folder lacks a file its loader needs, fails here."""
     folder = tiny[kind]
-    assert json.loads((folder / ".boothkit_tiny.json").read_text())["kind"] == kind
+    manifest = json.loads((folder / ".boothkit-manifest.json").read_text())
+    assert manifest["command"] == "tiny" and manifest["files"] == sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     if (folder / "model_index.json").is_file():
         outputs = [_run_pipeline(folder)]
     else:
