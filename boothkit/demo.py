@@ -13,6 +13,7 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
+from boothkit import layout
 from boothkit.cli import main as cli_main
 from boothkit.data.images import sample_subject_class, sample_subject_dir
 from boothkit.testing.tiny import build_tiny
@@ -43,7 +44,7 @@ def run_demo(root: Path = DEMO_DIR) -> int:
             "sample", "--pretrained_model_name_or_path", str(model), "--lora_dir", str(lora_dir),
             "--method", method, "--prompt", f"a sks {subject} in the snow", "--prompt", f"a sks {subject} on the beach",
             "--num_images_per_prompt", "2", "--num_inference_steps", "25", "--omega", "0.3",
-            "--guidance_scale", "2.0" if method == "ag" else "7.5", "--output_dir", str(root / "samples" / method),
+            "--output_dir", str(root / "samples" / method),
             "--overwrite",
         ])
         if code != 0:
@@ -53,10 +54,10 @@ def run_demo(root: Path = DEMO_DIR) -> int:
         return code
     print("\ndemo finished:")
     print(f"  tiny base model:          {model}")
-    print(f"  fine LoRA:                {lora_dir / 'pytorch_lora_weights.safetensors'}")
-    print(f"  weak LoRA (autoguidance): {lora_dir / 'weak' / 'pytorch_lora_weights.safetensors'}")
-    print(f"  loss log / config:        {lora_dir / 'train_log.csv'}, {lora_dir / 'train_config.json'}")
-    print(f"  validation images:        {lora_dir / 'validation'}")
+    print(f"  fine LoRA:                {layout.lora_file(lora_dir)}")
+    print(f"  weak LoRA (autoguidance): {layout.lora_file(layout.weak_dir(lora_dir))}")
+    print(f"  loss log / config:        {lora_dir / layout.TRAIN_LOG_NAME}, {lora_dir / layout.TRAIN_CONFIG_NAME}")
+    print(f"  validation images:        {lora_dir / layout.VALIDATION_DIR}")
     print(f"  class images:             {root / 'class_images' / subject}")
     print(f"  guided samples:           {', '.join(str(root / 'samples' / m) for m in SAMPLE_METHODS)}")
     print(f"  evaluation (all methods): {root / 'evaluation' / 'report.html'}")
