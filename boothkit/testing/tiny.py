@@ -330,7 +330,6 @@ def _build_sana(out: Path, seed: int, bench: bool = False) -> None:
 def _build_dino(out: Path, seed: int) -> None:
     """DINO-ViT-S/16-shaped `ViTModel` (224 px, 16 px patches) + PIL processor: resize 256 bicubic, crop 224."""
     from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
-    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
     config = ViTConfig(
         image_size=224,
@@ -344,23 +343,23 @@ def _build_dino(out: Path, seed: int) -> None:
     with _seeded(seed, 0):
         model = ViTModel(config)  # keeps the pooler so that a plain `ViTModel.from_pretrained` finds every weight
     model.save_pretrained(out)
-    processor = ViTImageProcessorPil(
-        do_resize=True,
-        size={"shortest_edge": 256},
-        resample=PILImageResampling.BICUBIC,
-        do_center_crop=True,
-        crop_size={"height": 224, "width": 224},
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
-    )
-    processor.save_pretrained(out)
+    ViTImageProcessorPil(**_dino_protocol()).save_pretrained(out)
+
+
+def _dino_protocol() -> dict:
+    """Image-processor settings of the DINO evaluation protocol: shorter side 256 (bicubic), centre crop 224,
+    ImageNet mean and std."""
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
+    return {"do_resize": True, "size": {"shortest_edge": 256}, "resample": PILImageResampling.BICUBIC,
+            "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+            "image_mean": list(IMAGENET_DEFAULT_MEAN), "image_std": list(IMAGENET_DEFAULT_STD)}
 
 
 def _build_dinov2(out: Path, seed: int) -> None:
     """DINOv2-shaped `Dinov2Model` (14 px patches, position embeddings for 518 px that it interpolates to the
     224 px crops) + the PIL `BitImageProcessor` that ``facebook/dinov2-small`` ships."""
     from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
-    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
     config = Dinov2Config(
         image_size=518, patch_size=14, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
@@ -368,16 +367,7 @@ def _build_dinov2(out: Path, seed: int) -> None:
     with _seeded(seed, 0):
         model = Dinov2Model(config)
     model.save_pretrained(out)
-    processor = BitImageProcessorPil(
-        do_resize=True,
-        size={"shortest_edge": 256},
-        resample=PILImageResampling.BICUBIC,
-        do_center_crop=True,
-        crop_size={"height": 224, "width": 224},
-        do_convert_rgb=True,
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
-    )
+    processor = BitImageProcessorPil(do_convert_rgb=True, **_dino_protocol())
     processor.save_pretrained(out)
 
 
