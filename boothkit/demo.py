@@ -9,6 +9,7 @@ where everything is. Takes about a minute on
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -23,6 +24,9 @@ SAMPLE_METHODS = ("cfg", "ag", "wig")
 
 
 def run_demo(root: Path = DEMO_DIR) -> int:
+    # As the CLI does before any library is imported: the libraries' own load reports stay quiet.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     model = root / "models" / "tiny-sd15"
     if not (model / "model_index.json").is_file():
         build_tiny("sd15", model, seed=0)
