@@ -342,3 +342,17 @@ def test_subjects_are_split_across_processes(sd15, layout, scorers, tmp_path):
     manifest = set(json.loads((out / MANIFEST_NAME).read_text())["files"])
     assert manifest == set(digests(out)) - {MANIFEST_NAME}
     assert "subjects/cfg/dogcd.json" in manifest and any(name.startswith("cache/dogcd/") for name in manifest)
+
+
+@pytest.mark.parametrize("low, high", [(-1e308, 1e308), (-2e6, 10), (0, 1e7), (float("-inf"), 1)])
+def test_lambda_range_must_be_finite_and_bounded(run_cli, tmp_path, low, high):
+    """A range whose width overflows (or whose bounds are no guidance scale) is refused with one line before any
+    work: the golden search would otherwise evaluate λ = ±inf."""
+    out = tmp_path / "eval"
+    result = run_cli("evaluate", "--pretrained_model_name_or_path", tmp_path / "m", "--lora_base_dir", tmp_path / "l",
+                     "--instance_data_dir", tmp_path / "i", "--evaluation_prompts_path", tmp_path / "p.json",
+                     "--output_dir", out, "--optimize", "--lambda_range", low, high)
+    assert "--lambda_range" in error_line(result)
+    assert not out.exists()
+    EvaluateConfig(pretrained_model_name_or_path="m", lora_base_dir="l", instance_data_dir="i",
+                   evaluation_prompts_path="p", output_dir="o", lambda_range=(-1e6, 1e6))  # the bound itself: fine

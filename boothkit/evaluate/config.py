@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
@@ -10,6 +11,7 @@ from boothkit.config import ModelSourceOptions
 from boothkit.guidance.config import SamplerOptions
 
 DEFAULT_OMEGA_GRID = [round(0.1 * step, 1) for step in range(11)]
+MAX_ABS_LAMBDA = 1e6  # |λ| beyond this is no guidance scale; it also keeps HIGH - LOW finite for the search
 
 
 class EvaluateConfig(ModelSourceOptions, SamplerOptions):
@@ -54,6 +56,8 @@ class EvaluateConfig(ModelSourceOptions, SamplerOptions):
         low, high = self.lambda_range
         if not low < high:
             raise ValueError(f"--lambda_range needs LOW < HIGH, got {low} {high}")
+        if not (math.isfinite(high - low) and max(abs(low), abs(high)) <= MAX_ABS_LAMBDA):
+            raise ValueError(f"--lambda_range needs finite bounds within ±{MAX_ABS_LAMBDA:g}, got {low} {high}")
         if self.optimize in ("omega", "both") and self.method != "wig":
             raise ValueError(f"--optimize {self.optimize} sweeps ω, which only --method wig has")
         if any(not 0.0 <= omega <= 1.0 for omega in self.omega_grid):
