@@ -123,6 +123,7 @@ CHANGES = {
     "the seed": (None, ("--seed", 1)),
     "a sampler setting (steps)": (None, ("--num_inference_steps", 3)),
     "a sampler setting (scheduler)": (None, ("--scheduler", "euler")),
+    "the batch size (batched products round differently)": (None, ("--batch_size", 3)),
     "the negative prompt": (None, ("--negative_prompt", "blurry")),
     "the DINO model rebuilt at the same path": (rebuild_dino, ()),
 }
@@ -184,3 +185,21 @@ def test_changing_nothing_is_answered_by_the_cache_without_any_model(work, compu
     with capsys.disabled():
         print(f"\nfully cached re-run: {seconds:.3f} s")
     assert seconds < 2.0
+
+
+def test_the_device_type_is_part_of_the_key(work):
+    """Images computed on another device type (cuda vs cpu kernels) are other images: other keys."""
+    from boothkit.cli import build_parser
+    from boothkit.config import build_config
+    from boothkit.evaluate.config import EvaluateConfig
+    from boothkit.evaluate.keys import EvaluationKeys
+    from boothkit.evaluate.results import Setting
+    from boothkit.evaluate.run import find_subjects
+    from boothkit.guidance.settings import family_defaults, sampler_settings
+
+    config = build_config(EvaluateConfig, build_parser().parse_args(evaluate_args(work)))
+    settings = sampler_settings(family_defaults(config.pretrained_model_name_or_path, None), config)
+    subject, = find_subjects(config, warn=False)
+    keys = {device: EvaluationKeys(config, settings, device).key(subject, Setting(3.0)) for device in ("cpu", "cuda")}
+    assert keys["cpu"] != keys["cuda"]
+    assert keys["cpu"] == best_key(work)  # the baseline was computed on the cpu

@@ -7,7 +7,9 @@ Nothing is keyed by a name, a size or a date. The key holds
 * the digests of the subject's reference photos, of its LoRA file and (`--method ag`) of its weak LoRA file;
 * the prompts, the seed and the images per prompt;
 * every sampler setting as resolved (steps, scheduler, height, width: the user's, else the family's defaults,
-  so `--scheduler ddim` and the default DDIM share their results), the negative prompt, the precision,
+  so `--scheduler ddim` and the default DDIM share their results), the batch size (batched matrix products
+  round differently: a pixel may differ by one level), the device type the images are computed on (cpu,
+  cuda, ...), the negative prompt, the precision,
   the prompt-encoding options the LoRA is sampled with, the method, λ, ω and (ag) the CFG scale s;
 * the metric models' identities (`--dino_model`, `--clip_model`), the identifier and `--keep_identifier`;
 * `scoring.SCORING_VERSION` and `sampler.SAMPLING_VERSION`, the versions of boothkit's scoring and sampling
@@ -40,14 +42,15 @@ class EvaluationKeys:
     """Keys of one run's evaluations. The run-wide part (models, settings) is computed once, each subject's
     part once per subject."""
 
-    def __init__(self, config: EvaluateConfig, settings: SamplerSettings):
+    def __init__(self, config: EvaluateConfig, settings: SamplerSettings, device_type: str):
         self.config = config
         self.run_identity = {
             "model": identity.model_identity(config.pretrained_model_name_or_path, config.revision, config.variant),
             "dino_model": identity.model_identity(config.dino_model, config_name="config.json"),
             "clip_model": identity.model_identity(config.clip_model, config_name="config.json"),
             "sampler": {"steps": settings.num_inference_steps, "scheduler": settings.scheduler,
-                        "height": settings.height, "width": settings.width},
+                        "height": settings.height, "width": settings.width, "batch_size": settings.batch_size},
+            "device": device_type,
             "negative_prompt": config.negative_prompt, "precision": config.mixed_precision,
             "method": config.method, "cfg_scale": _number(config.cfg_scale) if config.method == "ag" else None,
             "seed": config.seed, "images_per_prompt": config.num_images_per_prompt,

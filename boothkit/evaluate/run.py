@@ -57,7 +57,7 @@ def run_evaluate(config: EvaluateConfig) -> MethodResults | None:
     subjects = find_subjects(config, warn=state.is_main_process)
     defaults = family_defaults(config.pretrained_model_name_or_path, config.revision)
     settings = sampler_settings(defaults, config)
-    keys = EvaluationKeys(config, settings)
+    keys = EvaluationKeys(config, settings, state.device.type)
     with OutputFolder(root, COMMAND) if state.is_main_process else contextlib.nullcontext() as folder:
         if folder is not None:
             if config.overwrite:
