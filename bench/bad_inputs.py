@@ -533,7 +533,7 @@ def score_is_finite(c: Ctx, out: str, err: str) -> str | None:
 
 LONG_PROMPT = "a photo of sks dog " + " ".join(["sitting on a very long and winding road"] * 20)
 TOKEN_LIMIT_WARNING = r"\b77\b.*token|token.*\b77\b"  # the tiny CLIP text encoder reads 77 tokens
-PID_ALIVE = os.getpid()  # this process: a lock holding it belongs to a live run on this host
+PID_ALIVE = os.getppid()  # our parent: a live process of this host other than us (a lock naming our own pid is stale)
 
 
 # ------------------------------------------------------------------------------------------ the cases

@@ -19,6 +19,7 @@ Rules (README "Safety"):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ TRAIN_LOG_NAME = "train_log.csv"
 VALIDATION_DIR = "validation"
 SAMPLES_NAME = "samples.json"
 MANIFEST_NAME = ".boothkit-manifest.json"
+RANK_MANIFEST_GLOB = ".boothkit-manifest.rank*.json"  # what other ranks of a distributed run claimed
 LOCK_NAME = ".boothkit.lock"
 TMP_PREFIX = ".boothkit-tmp-"  # staging files and folders; unmistakably boothkit's, removed by --overwrite
 _OWN_FILES = (MANIFEST_NAME, LOCK_NAME)
@@ -61,15 +63,27 @@ def checkpoint_name(step: int) -> str:
 # Checking a folder before writing --------------------------------------------------------------------------
 
 def read_manifest(root: Path) -> dict | None:
-    """The manifest of `root`, or None when boothkit never wrote there."""
-    path = root / MANIFEST_NAME
-    if not path.is_file():
+    """The manifest of `root` (with what other ranks recorded in their side manifests, see `RankClaims`), or
+    None when boothkit never wrote there."""
+    manifests = [path for path in [root / MANIFEST_NAME, *sorted(root.glob(RANK_MANIFEST_GLOB))] if path.is_file()]
+    if not manifests:
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return {"command": str(data["command"]), "files": [str(name) for name in data["files"]]}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise BoothkitError(f"'{path}' is damaged; boothkit cannot tell its files from yours there") from None
+    command, files = None, set()
+    for path in manifests:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            command = command or str(data["command"])
+            files.update(str(name) for name in data["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise BoothkitError(f"'{path}' is damaged; boothkit cannot tell its files from yours there") from None
+    return {"command": command, "files": sorted(files)}
+
+
+def _refuse_users_file(root: Path, name: str, files: set[str]) -> None:
+    target = root / name
+    if (target.exists() or target.is_symlink()) and name not in files:
+        raise BoothkitError(f"will not replace '{target}': boothkit did not write it (move it away, or choose "
+                            "another output_dir)")
 
 
 def check_output_folder(path: str | os.PathLike, command: str, *, overwrite: bool, reuse: bool = False,
@@ -113,66 +127,80 @@ class OutputFolder:
         self.root = Path(path).expanduser()
         self.command = command
         self.files: set[str] = set()
-        self._locked = False
+        self._lock_fd: int | None = None
 
     # Lock ------------------------------------------------------------------------------------------------
     def __enter__(self) -> "OutputFolder":
         self.root.mkdir(parents=True, exist_ok=True)
         self._take_lock()
-        manifest = read_manifest(self.root)
-        if manifest is not None and manifest["command"] != self.command:
+        try:
+            manifest = read_manifest(self.root)
+            if manifest is not None and manifest["command"] != self.command:
+                raise BoothkitError(f"output_dir '{self.root}' holds the output of `boothkit {manifest['command']}`")
+            self.files = set(manifest["files"]) if manifest else set()
+            self._save_manifest()
+            for side in self.root.glob(RANK_MANIFEST_GLOB):  # folded into the manifest just saved
+                side.unlink(missing_ok=True)
+        except BaseException:
             self._release_lock()
-            raise BoothkitError(f"output_dir '{self.root}' holds the output of `boothkit {manifest['command']}`")
-        self.files = set(manifest["files"]) if manifest else set()
-        self._save_manifest()
+            raise
         return self
 
     def __exit__(self, *exc_info) -> None:
         self._release_lock()
 
     def _take_lock(self) -> None:
+        """An exclusive `flock` on `.boothkit.lock`, which the kernel drops when the holder dies however it
+        dies; the file records who holds it, for the message a second run prints."""
         lock = self.root / LOCK_NAME
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        for _ in range(2):
+        for _ in range(10):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                self._take_over_stale_lock(lock)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                os.close(fd)
+                raise BoothkitError(f"output_dir '{self.root}' is in use by {_describe(holder)}; wait for it to "
+                                    "finish or stop it") from None
+            if _inode(lock) != os.fstat(fd).st_ino:  # the holder released (and removed) it meanwhile: again
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(record, handle)
-            self._locked = True
+            self._lock_fd = fd
+            try:
+                self._check_recorded_holder(_holder(fd))
+            except BaseException:
+                self._release_lock()
+                raise
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
             return
-        raise BoothkitError(f"output_dir '{self.root}' is being written by another run (lock {lock})")
+        raise BoothkitError(f"output_dir '{self.root}' is being locked and released by other runs; try again")
 
-    def _take_over_stale_lock(self, lock: Path) -> None:
-        """Remove `lock` if its process is dead; otherwise refuse, naming the holder."""
-        try:
-            holder = json.loads(lock.read_text(encoding="utf-8"))
-            pid, host, command = int(holder["pid"]), str(holder["host"]), str(holder.get("command", "?"))
-        except FileNotFoundError:
-            return  # released meanwhile: try again
-        except (OSError, ValueError, KeyError, TypeError):
-            raise BoothkitError(f"output_dir '{self.root}' has an unreadable lock file {lock}; delete it if no "
-                                "boothkit run is writing there") from None
+    def _check_recorded_holder(self, holder: dict | None) -> None:
+        """The lock is ours; the record left in the file is a run that ended without releasing it (killed), or
+        one that holds no flock: another host (network file systems need not share locks) or a live process."""
+        if not holder:
+            return
+        pid, host = holder.get("pid"), holder.get("host")
         if host != socket.gethostname():
-            raise BoothkitError(f"output_dir '{self.root}' is locked by `boothkit {command}` (pid {pid} on host "
-                                f"{host}); if that run is gone, delete {lock}")
-        if _process_alive(pid):
-            raise BoothkitError(f"output_dir '{self.root}' is in use by `boothkit {command}` (pid {pid} on host "
-                                f"{host}); wait for it to finish or stop it")
-        log.warning("taking over the lock of '%s' from `boothkit %s` (pid %d on %s), which is no longer running",
-                    self.root, command, pid, host)
-        stale = lock.with_name(f"{TMP_PREFIX}lock-{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(lock, stale)  # atomic: of two runs taking over, only one removes the stale lock
-            stale.unlink()
+            raise BoothkitError(f"output_dir '{self.root}' is locked by {_describe(holder)}; if that run is gone, "
+                                f"delete {self.root / LOCK_NAME}")
+        if isinstance(pid, int) and pid != os.getpid() and _process_alive(pid):
+            raise BoothkitError(f"output_dir '{self.root}' is in use by {_describe(holder)}; wait for it to "
+                                "finish or stop it")
+        log.warning("taking over the lock of '%s' from %s, which is no longer running", self.root, _describe(holder))
 
     def _release_lock(self) -> None:
-        if self._locked:
-            (self.root / LOCK_NAME).unlink(missing_ok=True)
-            self._locked = False
+        fd = getattr(self, "_lock_fd", None)
+        if fd is None:
+            return
+        self._lock_fd = None
+        lock = self.root / LOCK_NAME
+        if _inode(lock) == os.fstat(fd).st_ino:
+            lock.unlink(missing_ok=True)  # still locked by us: nobody else can have replaced it
+        os.close(fd)  # releases the flock
 
     # Manifest --------------------------------------------------------------------------------------------
     def _save_manifest(self) -> None:
@@ -185,17 +213,19 @@ class OutputFolder:
 
     def claim(self, *relatives: str | os.PathLike) -> list[Path]:
         """Paths to write: each must be new or boothkit's own; recorded in the manifest before any write."""
-        names = [Path(relative).as_posix() for relative in relatives]
-        for name in names:
-            target = self.root / name
-            if (target.exists() or target.is_symlink()) and name not in self.files:
-                raise BoothkitError(f"will not replace '{target}': boothkit did not write it (move it away, or "
-                                    "choose another output_dir)")
+        names = self.check_writable(*relatives)
         new = set(names) - self.files
         if new:
             self.files |= new
             self._save_manifest()
         return [self.root / name for name in names]
+
+    def check_writable(self, *relatives: str | os.PathLike) -> list[str]:
+        """Refuse, before anything is written, paths that hold a user's file; returns the names."""
+        names = [Path(relative).as_posix() for relative in relatives]
+        for name in names:
+            _refuse_users_file(self.root, name, self.files)
+        return names
 
     def path(self, relative: str | os.PathLike) -> Path:
         """`claim` for one path."""
@@ -228,12 +258,18 @@ class OutputFolder:
         return len(doomed)
 
     def remove_staging(self) -> None:
-        """Remove staging files a killed run left (`.boothkit-tmp-*`, always boothkit's own)."""
+        """Remove staging files a killed run left (`.boothkit-tmp-*`, always boothkit's own) in this folder and
+        the folders its manifest names — not in nested output folders of other runs (they have their own
+        manifest or lock, and may be writing right now)."""
         from boothkit.io import remove_staging
 
-        for path in sorted(self.root.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts), reverse=True):
-            if path.name.startswith(TMP_PREFIX):
-                remove_staging(path)
+        folders = {self.root} | {(self.root / name).parent for name in self.files}
+        for folder in folders:
+            if folder != self.root and ((folder / MANIFEST_NAME).exists() or (folder / LOCK_NAME).exists()):
+                continue
+            for path in folder.glob(f"{TMP_PREFIX}*") if folder.is_dir() else []:
+                if not path.name.startswith(f"{TMP_PREFIX}lock"):
+                    remove_staging(path)
 
     def clear(self) -> int:
         """--overwrite: remove everything boothkit wrote here (and its staging leftovers), nothing else."""
@@ -255,6 +291,38 @@ def may_write(root: str | os.PathLike, relative: str | os.PathLike) -> bool:
     return manifest is not None and Path(relative).as_posix() in manifest["files"]
 
 
+class RankClaims:
+    """What a process that does not hold the folder's lock (another rank of a distributed run) writes there.
+
+    Each path is recorded in the rank's side manifest, `.boothkit-manifest.rank<N>.json`, before it is written
+    (a user's file is refused as `OutputFolder.claim` refuses it). `read_manifest` counts side manifests, and the
+    next `OutputFolder` of the folder folds them into the manifest: a run killed before its main process saw
+    these files still leaves every one of them accounted for, so a rerun reuses them and `--overwrite` removes them.
+    """
+
+    def __init__(self, root: str | os.PathLike, rank: int, command: str | None = None):
+        self.root = Path(root).expanduser()
+        self.side = self.root / RANK_MANIFEST_GLOB.replace("*", str(int(rank)))
+        manifest = read_manifest(self.root)
+        self.command = command or (manifest["command"] if manifest else "evaluate")
+        self.files: set[str] = set()
+        if self.side.is_file():
+            self.files = set(json.loads(self.side.read_text(encoding="utf-8")).get("files", []))
+
+    def claim(self, *relatives: str | os.PathLike) -> list[Path]:
+        from boothkit.io import write_json_atomic
+
+        manifest = read_manifest(self.root)
+        known = (set(manifest["files"]) if manifest else set()) | self.files
+        names = [Path(relative).as_posix() for relative in relatives]
+        for name in names:
+            _refuse_users_file(self.root, name, known)
+        if set(names) - self.files:
+            self.files |= set(names)
+            write_json_atomic(self.side, {"command": self.command, "files": sorted(self.files)})
+        return [self.root / name for name in names]
+
+
 class SubFolder:
     """A folder inside an `OutputFolder` (e.g. `weak/`, `checkpoint-100/`): claims paths relative to itself."""
 
@@ -274,7 +342,29 @@ class SubFolder:
 
 
 def _is_own(name: str) -> bool:
-    return name in _OWN_FILES or name.startswith(TMP_PREFIX)
+    return name in _OWN_FILES or name.startswith(TMP_PREFIX) or Path(name).match(RANK_MANIFEST_GLOB)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _holder(fd: int) -> dict | None:
+    """The run recorded in an open lock file (None when empty or unreadable)."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "another boothkit run"
+    return f"`boothkit {holder.get('command', '?')}` (pid {holder.get('pid', '?')} on host {holder.get('host', '?')})"
 
 
 def _process_alive(pid: int) -> bool:

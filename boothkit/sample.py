@@ -54,6 +54,9 @@ def run_sample(config: SampleConfig) -> list[Path]:
         images = GuidedSampler(family, guidance, settings, adapters).iterate(
             prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
         folder.clear()  # an earlier run's images would disagree with the new samples.json
+        names = [image_name(index, prompt) for index, prompt in
+                 enumerate(p for p in prompts for _ in range(config.num_images_per_prompt))]
+        folder.check_writable(*names, SAMPLES_NAME)  # a user's file in the way: refused before any sampling
         return write_samples(folder, images, config, guidance, settings)
 
 

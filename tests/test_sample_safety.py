@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from boothkit.guidance import sampler as sampler_module
 from boothkit.guidance.schedulers import make_scheduler
-from boothkit.layout import LOCK_NAME, SAMPLES_NAME
+from boothkit.layout import LOCK_NAME, SAMPLES_NAME, OutputFolder
 
 
 def sample_args(model: Path, lora: Path, out: Path, *extra) -> list:
@@ -51,14 +52,16 @@ def test_rerun_without_overwrite_is_refused(sd15, sd15_lora, tmp_path, run_cli):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
-def test_a_users_folder_is_refused_and_never_changed(sd15, sd15_lora, tmp_path, run_cli):
+def test_a_users_folder_is_refused_and_never_changed(sd15, sd15_lora, tmp_path, run_cli, monkeypatch):
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "0000_a_sks_dog.png").write_bytes(b"the user's own photo")  # the very name sample would write
     result = run_cli(*sample_args(sd15, sd15_lora, photos, "--prompt", "a sks dog"))
     assert result.code == 2 and "not written by boothkit" in result.err
+    calls = []
+    monkeypatch.setattr(sampler_module.GuidedSampler, "sample", lambda *args, **kwargs: calls.append(1))
     result = run_cli(*sample_args(sd15, sd15_lora, photos, "--prompt", "a sks dog", "--overwrite"))
-    assert result.code == 2 and "will not replace" in result.err
+    assert result.code == 2 and "will not replace" in result.err and not calls  # refused before sampling
     assert (photos / "0000_a_sks_dog.png").read_bytes() == b"the user's own photo"
 
 
@@ -92,12 +95,27 @@ def test_files_follow_the_umask(sd15, sd15_lora, tmp_path, run_cli):
 
 def test_a_second_writer_is_refused_naming_the_holder(sd15, sd15_lora, tmp_path, run_cli):
     out = tmp_path / "out"
+    with OutputFolder(out, "sample"):  # a run writing there right now (it holds the flock)
+        result = run_cli(*sample_args(sd15, sd15_lora, out, "--prompt", "a sks dog"))
+        assert result.code == 2 and f"pid {os.getpid()}" in result.err and socket.gethostname() in result.err
+        # The holder's record being overwritten (e.g. by a run that judged it stale) does not free the lock.
+        (out / LOCK_NAME).write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
+        assert run_cli(*sample_args(sd15, sd15_lora, out, "--prompt", "a sks dog")).code == 2
+    assert not pngs(out) and not (out / LOCK_NAME).exists()
+
+
+def test_a_live_process_recorded_in_the_lock_is_respected(sd15, sd15_lora, tmp_path, run_cli):
+    """A lock file naming a live process of this host (e.g. a run on a file system without flock) is refused."""
+    out = tmp_path / "out"
     out.mkdir()
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": "sample"}
-    (out / LOCK_NAME).write_text(json.dumps(holder))
-    result = run_cli(*sample_args(sd15, sd15_lora, out, "--prompt", "a sks dog"))
-    assert result.code == 2 and f"pid {os.getpid()}" in result.err and socket.gethostname() in result.err
-    assert not pngs(out)
+    with subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            holder = {"pid": other.pid, "host": socket.gethostname(), "command": "sample"}
+            (out / LOCK_NAME).write_text(json.dumps(holder))
+            result = run_cli(*sample_args(sd15, sd15_lora, out, "--prompt", "a sks dog"))
+        finally:
+            other.kill()
+    assert result.code == 2 and f"pid {other.pid}" in result.err
 
 
 def test_a_dead_writers_lock_is_taken_over(sd15, sd15_lora, tmp_path, run_cli):

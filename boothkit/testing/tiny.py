@@ -86,6 +86,7 @@ def _write(builder: Callable[[Path, int], None], out_dir: str | Path, seed: int,
         staging.mkdir()
         builder(staging, int(seed))
         files = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
+        folder.check_writable(*files)  # a user's file in the way: refused before the earlier build is removed
         folder.remove()  # the earlier build, now that the new one is complete
         folder.claim(*files)
     return out
