@@ -283,3 +283,111 @@ def test_a_damaged_entry_is_a_one_line_error(tmp_path):
     save_file({"a": torch.zeros(1)}, str(path), metadata={PROMPT_ENCODING_KEY: "{not json"})
     with pytest.raises(BoothkitError, match="damaged"):
         read_prompt_encoding(path)
+
+
+# A checkpoint from another folder never mixes two runs ----------------------------------------------------
+
+def two_runs(sd15, instance_dir, tmp_path, run_cli) -> tuple[Path, Path]:
+    """Run X (seed 1) in A and run Y (seed 2) in B, each with checkpoints 2 and 4 and a weak LoRA at step 1."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    for out, seed in ((a, 1), (b, 2)):
+        result = run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 6, "--checkpointing_steps", 2,
+                                     "--weak_checkpoint_step", 1, "--seed", seed))
+        assert result.code == 0, result.err
+    return a, b
+
+
+def test_another_folders_checkpoint_resumes_only_into_an_empty_folder_or_with_overwrite(
+        sd15, instance_dir, tmp_path, run_cli):
+    a, b = two_runs(sd15, instance_dir, tmp_path, run_cli)
+    foreign = b / "checkpoint-4"
+    resume_y = ("--max_train_steps", 6, "--checkpointing_steps", 2, "--weak_checkpoint_step", 1, "--seed", 2,
+                "--resume_from_checkpoint", foreign)
+    before = tree(a)
+    result = run_cli(*train_args(sd15, instance_dir, a, *resume_y))
+    assert_one_line_error(result, f"output_dir '{a}' is not empty", str(foreign), "--overwrite")
+    assert result.code == 2 and tree(a) == before
+
+    # Into a new folder: Y goes on from step 4 and ends exactly where B ended.
+    new = tmp_path / "new"
+    result = run_cli(*train_args(sd15, instance_dir, new, *resume_y))
+    assert result.code == 0, result.err
+    assert load_file(new / LORA).keys() == load_file(b / LORA).keys()
+    assert all(torch.equal(value, load_file(b / LORA)[key]) for key, value in load_file(new / LORA).items())
+
+    # With --overwrite: X's files go first (LoRA, weak/, checkpoints, log rows), so nothing of X is left.
+    (a / "notes.txt").write_bytes(b"mine")
+    result = run_cli(*train_args(sd15, instance_dir, a, *resume_y, "--overwrite"))
+    assert result.code == 0, result.err
+    assert set(tree(a)) == set(tree(new)) | {"notes.txt"}
+    assert all(torch.equal(value, load_file(b / LORA)[key]) for key, value in load_file(a / LORA).items())
+    assert not (a / "weak").exists() and ckpt.list_checkpoints(a) == []
+    assert [int(row["step"]) for row in read_log(a)] == [5, 6]
+    # `latest` in A now finds nothing of X to continue.
+    assert ckpt.resolve_resume(a, "latest") is None
+
+
+def test_a_checkpoint_copied_into_the_folder_is_not_the_folders_own(sd15, instance_dir, tmp_path, run_cli):
+    a, b = two_runs(sd15, instance_dir, tmp_path, run_cli)
+    shutil.copytree(b / "checkpoint-4", a / "checkpoint-5")  # inside A, but A's run never wrote it
+    before = tree(a)
+    result = run_cli(*train_args(sd15, instance_dir, a, "--max_train_steps", 6, "--checkpointing_steps", 2,
+                                 "--weak_checkpoint_step", 1, "--seed", 2, "--resume_from_checkpoint", "latest"))
+    assert_one_line_error(result, "not empty", "checkpoint-5", "--overwrite")
+    assert tree(a) == before
+
+
+# Every output is claimed before the first step ----------------------------------------------------------
+
+def no_step(run, step_index):
+    raise AssertionError("a training step ran")
+
+
+@pytest.mark.parametrize("user_file", [LORA, f"weak/{LORA}", "train_config.json", "train_log.csv",
+                                       "validation/step-000002_0.png", "validation/step-000003_1.png"])
+def test_a_users_output_named_file_fails_before_any_step(sd15, instance_dir, tmp_path, run_cli, monkeypatch,
+                                                         user_file):
+    out = tmp_path / "out"
+    (out / user_file).parent.mkdir(parents=True)
+    (out / user_file).write_bytes(b"the diffusers example's LoRA")
+    monkeypatch.setattr(trainer, "_optimizer_step", no_step)
+    result = run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 3, "--weak_checkpoint_step", 1,
+                                 "--validation_prompt", "a sks dog", "--num_validation_images", 2,
+                                 "--validation_steps", 2, "--overwrite"))
+    assert_one_line_error(result, "will not replace", user_file)
+    assert result.code == 2
+    assert tree(out) == {user_file: b"the diffusers example's LoRA"}
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_resumed_run_claims_only_what_it_writes(sd15, instance_dir, tmp_path, run_cli):
+    """A resume from step 4 writes no weak LoRA (step 1) and no validation image of step 2."""
+    out = tmp_path / "out"
+    args = ("--max_train_steps", 6, "--checkpointing_steps", 2, "--weak_checkpoint_step", 1)
+    assert run_cli(*train_args(sd15, instance_dir, out, *args)).code == 0
+    validation = ("--validation_prompt", "a sks dog", "--num_validation_images", 1, "--validation_steps", 2)
+    result = run_cli(*train_args(sd15, instance_dir, out, *args, *validation, "--resume_from_checkpoint", "latest"))
+    assert result.code == 0, result.err
+    manifest = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert [name for name in manifest if name.startswith("validation/")] == ["validation/step-000006_0.png"]
+    assert all((out / name).is_file() for name in manifest)
+
+
+# The weak LoRA belongs to the run ------------------------------------------------------------------------
+
+def test_resume_keeps_the_runs_weak_step_and_refuses_another(sd15, instance_dir, tmp_path, run_cli):
+    out = tmp_path / "out"
+    assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 6, "--checkpointing_steps", 2,
+                               "--weak_checkpoint_step", 3)).code == 0
+    before = tree(out)
+    result = run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 6, "--checkpointing_steps", 2,
+                                 "--weak_checkpoint_step", 2, "--resume_from_checkpoint", "latest"))
+    assert_one_line_error(result, "cannot resume", "the weak checkpoint step (--weak_checkpoint_step) differs")
+    assert tree(out) == before
+
+    # A longer schedule without the flag keeps the run's weak step (the default would have moved it to 2).
+    result = run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 10, "--checkpointing_steps", 2,
+                                 "--resume_from_checkpoint", "latest"))
+    assert result.code == 0, result.err
+    assert json.loads((out / "train_config.json").read_text())["resolved"]["weak_checkpoint_step"] == 3
+    assert (out / "weak" / LORA).read_bytes() == before[f"weak/{LORA}"]

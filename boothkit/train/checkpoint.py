@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from boothkit.errors import BoothkitError
 from boothkit.io import atomic_path
-from boothkit.layout import CHECKPOINT_PREFIX, OutputFolder, checkpoint_name
+from boothkit.layout import CHECKPOINT_PREFIX, OutputFolder, checkpoint_name, read_manifest
 from boothkit.train.lora import check_finite
 
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -120,6 +120,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as error:
         raise BoothkitError(f"checkpoint '{path}' is unreadable: {str(error).splitlines()[0]}") from None
+
+
+def is_own_checkpoint(output_dir: str | Path, checkpoint: Path) -> bool:
+    """True when `checkpoint` was written by the run in `output_dir` (it lies there and the folder's manifest lists
+    it). A checkpoint from another folder, or one copied in, belongs to another run: resuming it must not add to
+    this folder's outputs (`weak/`, older checkpoints and log rows of the earlier run would stay)."""
+    root = Path(output_dir).expanduser()
+    if checkpoint.resolve().parent != root.resolve():
+        return False
+    manifest = read_manifest(root)
+    return manifest is not None and f"{checkpoint.name}/{STATE_NAME}" in manifest["files"]
 
 
 def resolve_resume(output_dir: str | Path, spec: str | None) -> Path | None:

@@ -8,8 +8,9 @@ from importlib import metadata
 from pathlib import Path
 
 from boothkit.io import write_json_atomic, write_text_atomic
-from boothkit.layout import TRAIN_CONFIG_NAME, OutputFolder
+from boothkit.layout import LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME, TRAIN_LOG_NAME, OutputFolder, lora_file, weak_dir
 from boothkit.train.config import TrainConfig
+from boothkit.train.validation import validation_image_names
 
 _LIBRARIES = ("boothkit", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 
@@ -22,6 +23,20 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def planned_outputs(config: TrainConfig, start_step: int) -> list[str]:
+    """Every file (relative to the output folder) that a run from `start_step` to `max_train_steps` writes,
+    checkpoints aside (claimed as they come): claimed before the first step, so that a user's file in the way
+    stops the run before any training, not after it."""
+    names = [LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME, TRAIN_LOG_NAME]
+    if start_step < config.resolved_weak_step:
+        names.append(lora_file(weak_dir("")).as_posix())
+    if config.validation_prompt:
+        steps = [step for step in range(start_step + 1, config.max_train_steps)
+                 if step % config.validation_steps == 0] + [config.max_train_steps]
+        names += [name for step in steps for name in validation_image_names(step, config.num_validation_images)]
+    return names
 
 
 def write_train_config(folder: OutputFolder, config: TrainConfig, resolved: dict) -> Path:

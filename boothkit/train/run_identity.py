@@ -1,9 +1,9 @@
 """The identity of a training run, recorded in each checkpoint's `state.json` and checked on resume.
 
 A checkpoint only continues the run that wrote it: the same photos (by content), prompts, class images,
-base model (by content, or the hub commit), seed, resolution and LoRA shape, and the same samples per
-step. Options that may change on resume (max_train_steps, checkpointing, validation, learning-rate
-schedule...) are not part of it. Digests come from `boothkit.identity`.
+base model (by content, or the hub commit), seed, resolution and LoRA shape, the same samples per step,
+and the step of its weak LoRA (written once). Options that may change on resume (max_train_steps,
+checkpointing, validation, learning-rate schedule...) are not part of it. Digests come from `boothkit.identity`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ DESCRIPTIONS = {
     "lora_targets": "the LoRA layers (--lora_layers)",
     "train_batch_size": "--train_batch_size",
     "gradient_accumulation_steps": "--gradient_accumulation_steps",
+    "weak_checkpoint_step": "the weak checkpoint step (--weak_checkpoint_step)",
 }
 _PLURAL = {"instance_photos", "class_images"}
 
@@ -55,6 +56,7 @@ def run_identity(config: TrainConfig, instance_files: Sequence[Path], class_file
         "lora_targets": {name: sorted(layers) for name, layers in lora_targets.items()},
         "train_batch_size": config.train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "weak_checkpoint_step": config.resolved_weak_step,  # weak/ is written once: a resume cannot move it
     }
 
 

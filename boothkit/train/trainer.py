@@ -36,7 +36,7 @@ from boothkit.train.config import TrainConfig
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
 from boothkit.train.lora import (attach_lora, load_trainable_state, prompt_encoding_settings, save_lora,
                                  trainable_parameters, trainable_state)
-from boothkit.train.outputs import TrainLog, write_train_config
+from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
 from boothkit.train.run_identity import check_same_run, run_identity
 from boothkit.train.validation import save_validation_images, validation_image_names
 
@@ -83,8 +83,9 @@ def train(config: TrainConfig) -> TrainResult:
     """
     accelerator = _accelerator(config)
     resume_path = ckpt.resolve_resume(config.output_dir, config.resume_from_checkpoint)
-    output_dir = check_output_folder(config.output_dir, "train", overwrite=config.overwrite,
-                                     reuse=resume_path is not None, hint=_output_dir_hint(config))
+    own_checkpoint = resume_path is not None and ckpt.is_own_checkpoint(config.output_dir, resume_path)
+    output_dir = check_output_folder(config.output_dir, "train", overwrite=config.overwrite, reuse=own_checkpoint,
+                                     hint=_output_dir_hint(config, resume_path))
     instance_files = _check_inputs(config)
     accelerator.wait_for_everyone()
     main = accelerator.is_main_process
@@ -112,7 +113,10 @@ def _check_inputs(config: TrainConfig) -> list[tuple[Path, Image.Image]]:
     return instance_files
 
 
-def _output_dir_hint(config: TrainConfig) -> str:
+def _output_dir_hint(config: TrainConfig, resume_path: Path | None) -> str:
+    if resume_path is not None:
+        return (f"checkpoint '{resume_path}' was not written by the run in this folder: resume it into a new or "
+                "empty --output_dir, or pass --overwrite to remove the earlier run's files here first")
     if config.resume_from_checkpoint:
         return "it has no checkpoint to resume; pass --overwrite to start a new run there"
     return "pass --overwrite to replace its outputs or --resume_from_checkpoint latest to continue the run"
@@ -237,6 +241,8 @@ def _average_text_encoder_gradients(run: Run) -> None:
 def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder | None, resume_path: Path | None,
              instance_files: list[tuple[Path, Image.Image]]) -> Run:
     resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
+    if resumed is not None:
+        config = _with_the_runs_weak_step(config, resumed)
     weight_dtype = weights_dtype(accelerator.mixed_precision, accelerator.device)  # LoRA weights stay float32
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype,
                          FamilyOptions.from_config(config))
@@ -256,6 +262,8 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
                                 resolution, targets, prompt_encoding_settings(family))
     if resumed is not None:
         _check_resumable(resumed, identity, config.resume_from_checkpoint)
+    start_step = resumed.step if resumed else 0
+    _on_main_process(accelerator, lambda: _claim_output_dir(config, folder, resumed, resume_path))
     for module in family.frozen_modules():
         module.requires_grad_(False)
     options = ImageOptions(resolution, config.center_crop, config.random_flip, config.cache_latents)
@@ -274,14 +282,13 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
         log.info("resuming from %s (step %d)", resume_path, resumed.step)
     denoiser, optimizer = accelerator.prepare(family.denoiser, optimizer)
     if folder is not None:
-        _tidy_output_dir(config, folder, resumed)
         write_train_config(folder, config, _resolved(config, family, resolution, accelerator))
     accelerator.wait_for_everyone()
     dataset_length = max(len(instance), len(classes) if classes else 0)
     return Run(config, accelerator, family, folder, resolution, denoiser, trainable,
                trainable_parameters(trainable), optimizer, lr_scheduler,
                instance, classes, prompts, SampleOrder(dataset_length, config.seed),
-               resumed.step if resumed else 0, identity)
+               start_step, identity)
 
 
 def _check_resumable(resumed: ckpt.Checkpoint, identity: dict, spec: str) -> None:
@@ -292,11 +299,48 @@ def _check_resumable(resumed: ckpt.Checkpoint, identity: dict, spec: str) -> Non
     check_same_run(recorded, identity, spec)
 
 
-def _tidy_output_dir(config: TrainConfig, folder: OutputFolder, resumed: ckpt.Checkpoint | None) -> None:
+def _with_the_runs_weak_step(config: TrainConfig, resumed: ckpt.Checkpoint) -> TrainConfig:
+    """The weak LoRA belongs to the run: without --weak_checkpoint_step a resume keeps the step the run recorded
+    (the default, 20% of --max_train_steps, would move with a longer schedule, leaving weak/ at the old step)."""
+    recorded = (resumed.info.get("run") or {}).get("weak_checkpoint_step")
+    if config.weak_checkpoint_step is not None or recorded is None:
+        return config
+    if resumed.step < recorded >= config.max_train_steps:
+        raise BoothkitError(f"cannot resume: the run's weak checkpoint step ({recorded}) is not below "
+                            f"--max_train_steps ({config.max_train_steps}); keep --max_train_steps above it")
+    return config.model_copy(update={"weak_checkpoint_step": recorded})
+
+
+def _on_main_process(accelerator: Accelerator, action) -> None:
+    """Run `action` on the main process; a `BoothkitError` there stops every process with the same line (the
+    others would otherwise wait forever at the next barrier)."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            action()
+        except BoothkitError as raised:
+            error = str(raised)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error], from_process=0)[0]
+    if error is not None:
+        raise BoothkitError(error)
+
+
+def _claim_output_dir(config: TrainConfig, folder: OutputFolder, resumed: ckpt.Checkpoint | None,
+                      resume_path: Path | None) -> None:
+    """Main process, before the first step: tidy the folder, then claim every file the run will write, so that a
+    user's file in the way ends the run now rather than after all its steps."""
+    _tidy_output_dir(config, folder, resumed, resume_path)
+    folder.claim(*planned_outputs(config, resumed.step if resumed else 0))
+
+
+def _tidy_output_dir(config: TrainConfig, folder: OutputFolder, resumed: ckpt.Checkpoint | None,
+                     resume_path: Path | None) -> None:
     """Main process only: what an earlier run left that this run must not mix with its own outputs. Only
-    boothkit's files (the manifest's) are removed; a user's file beside them stays."""
-    if resumed is None:
-        if config.resume_from_checkpoint:
+    boothkit's files (the manifest's) are removed; a user's file beside them stays. A checkpoint of another
+    folder's run starts this folder afresh (`train` let it in only when the folder is empty or --overwrite)."""
+    if resumed is None or not ckpt.is_own_checkpoint(folder.root, resume_path):
+        if resumed is None and config.resume_from_checkpoint:
             log.info("no checkpoint to resume in '%s': starting a new run", folder.root)
         if config.overwrite:
             removed = folder.clear()
