@@ -80,18 +80,6 @@ def remove_staging(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def guard_output_dir(path: str | os.PathLike, may_write_into: bool, hint: str) -> Path:
-    """`path` as a folder to write into: refuse a file, and a non-empty folder unless `may_write_into`."""
-    from boothkit.errors import BoothkitError
-
-    output_dir = Path(path)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise BoothkitError(f"output_dir '{output_dir}' exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not may_write_into:
-        raise BoothkitError(f"output_dir '{output_dir}' {hint}")
-    return output_dir
-
-
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)

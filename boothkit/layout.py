@@ -46,9 +46,11 @@ TMP_PREFIX = ".boothkit-tmp-"  # staging files and folders; unmistakably boothki
 _OWN_FILES = (MANIFEST_NAME, LOCK_NAME)
 
 
-def lora_file(folder: str | os.PathLike) -> Path:
-    """The LoRA file of a LoRA folder (a training output folder, or its `weak/`)."""
-    return Path(folder) / LORA_WEIGHT_NAME
+def lora_file(path: str | os.PathLike) -> Path:
+    """The LoRA file of a LoRA folder (a training output folder, or its `weak/`), or `path` itself when it is a
+    file: the one rule for "a LoRA folder or file" everywhere."""
+    path = Path(path).expanduser()
+    return path if path.is_file() else path / LORA_WEIGHT_NAME
 
 
 def weak_dir(lora_dir: str | os.PathLike) -> Path:

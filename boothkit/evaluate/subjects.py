@@ -21,7 +21,7 @@ from boothkit.data.images import list_image_files
 from boothkit.errors import BoothkitError
 from boothkit.evaluate.config import EvaluateConfig
 from boothkit.evaluate.dataset import EvaluationPrompts, SubjectEntry
-from boothkit.guidance.adapters import lora_file, text_options
+from boothkit.guidance.adapters import existing_lora_file, text_options
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def resolve_subjects(config: EvaluateConfig, prompts: EvaluationPrompts, entries
         subjects.append(Subject(
             entry=entry, prompts=tuple(texts[: config.max_prompts] if config.max_prompts else texts),
             references=tuple(list_image_files(entry.images_dir, f"subject folder '{entry.folder}'")),
-            lora=lora_file(entry.lora_dir, f"LoRA folder of subject '{entry.folder}'"),
+            lora=existing_lora_file(entry.lora_dir, f"LoRA folder of subject '{entry.folder}'"),
             weak=weak_for(entry), text=text_options(config, entry.lora_dir)))
     return subjects
 
@@ -70,7 +70,7 @@ def _weak_resolver(config: EvaluateConfig, entries: list[SubjectEntry]):
             raise BoothkitError(f"--weak_checkpoint_path '{given}' is one weak LoRA but {len(entries)} subjects are "
                                 "evaluated; give a folder with one weak LoRA folder per subject folder, or choose "
                                 "one subject with --subjects")
-        single = lora_file(path, "--weak_checkpoint_path")
+        single = existing_lora_file(path, "--weak_checkpoint_path")
         return lambda entry: single
     return lambda entry: _weak_file(path / entry.folder, entry, f"--weak_checkpoint_path '{given}' holds no "
                                                                 f"folder '{entry.folder}' with a weak LoRA")
@@ -78,7 +78,7 @@ def _weak_resolver(config: EvaluateConfig, entries: list[SubjectEntry]):
 
 def _weak_file(folder: Path, entry: SubjectEntry, hint: str) -> Path:
     try:
-        return lora_file(folder, "weak checkpoint")
+        return existing_lora_file(folder, "weak checkpoint")
     except BoothkitError:
         raise BoothkitError(f"--method ag needs a weak checkpoint for subject '{entry.folder}': '{folder}' has no "
                             f"{layout.LORA_WEIGHT_NAME} ({hint})") from None

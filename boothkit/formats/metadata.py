@@ -24,8 +24,7 @@ def _as_file(lora: str | os.PathLike) -> Path:
     """A LoRA file, or a LoRA folder (then its `pytorch_lora_weights.safetensors`)."""
     from boothkit.layout import lora_file
 
-    path = Path(lora).expanduser()
-    return lora_file(path) if path.is_dir() else path
+    return lora_file(lora)
 
 
 def read_metadata(lora: str | os.PathLike) -> dict[str, str]:

@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from boothkit.errors import BoothkitError, first_line
 from boothkit.families.base import ModelFamily
+from boothkit import layout
 from boothkit.layout import LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,9 @@ def model_scales(model: str, omega: float) -> dict[str, float]:
     return {"fine": {FINE: 1.0}, "weak": {WEAK: 1.0}, "interp": {FINE: omega}}[model]
 
 
-def lora_file(path: str | Path, what: str) -> Path:
-    """The LoRA file of a folder (or the file itself); a clear error when it is missing."""
-    path = Path(path)
-    candidate = path / LORA_WEIGHT_NAME if path.is_dir() else path
+def existing_lora_file(path: str | Path, what: str) -> Path:
+    """`layout.lora_file(path)`, with a clear error when there is none."""
+    candidate = layout.lora_file(path)
     if not candidate.is_file():
         raise BoothkitError(f"{what} '{path}' has no {LORA_WEIGHT_NAME}")
     return candidate
@@ -46,7 +46,7 @@ def lora_file(path: str | Path, what: str) -> Path:
 
 def load_adapter(family: ModelFamily, path: str | Path, name: str, what: str) -> None:
     """Load a LoRA as adapter `name`, checking that every tensor of the file found its layer."""
-    file = lora_file(path, what)
+    file = existing_lora_file(path, what)
     try:
         with safe_open(str(file), "pt") as handle:
             file_keys = list(handle.keys())
@@ -138,7 +138,7 @@ def text_options(config, lora_dir: str | Path | None) -> tuple[int, bool]:
         if name in recorded:
             values[name] = recorded[name]
     assumed = [name for name in unset if name not in recorded]
-    file = lora_file(lora_dir, "LoRA folder")
+    file = existing_lora_file(lora_dir, "LoRA folder")
     if assumed and str(file) not in _ASSUMED and _is_transformer_lora(file):
         _ASSUMED.add(str(file))
         log.warning("LoRA '%s' does not record how its prompts were embedded; assuming %s (set %s to change)",
@@ -151,7 +151,7 @@ def _recorded_text_options(lora_dir: Path) -> dict:
     """What the LoRA's metadata, else its run's train_config.json, says about TEXT_OPTIONS."""
     from boothkit.formats.metadata import read_prompt_encoding
 
-    file = lora_dir / LORA_WEIGHT_NAME if lora_dir.is_dir() else lora_dir
+    file = layout.lora_file(lora_dir)
     recorded = read_prompt_encoding(file) if file.is_file() else None
     if recorded is not None:
         return {name: recorded[name] for name in TEXT_OPTIONS if name in recorded}

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from boothkit import layout
 from boothkit.errors import BoothkitError
 from boothkit.families.base import Conditioning, ModelFamily
-from boothkit.guidance.adapters import FINE, WEAK, activate, load_adapter, lora_file, model_scales, per_sample_scales
+from boothkit.guidance.adapters import FINE, WEAK, activate, existing_lora_file, load_adapter, model_scales, per_sample_scales
 from boothkit.guidance.rules import Branch, Guidance
 from boothkit.guidance.schedulers import make_scheduler
 
@@ -62,7 +62,7 @@ def load_guidance_adapters(family: ModelFamily, lora_dir: str | None, weak_dir: 
     if guidance.needs_weak:
         weak_dir = weak_dir or str(layout.weak_dir(lora_dir))
         try:
-            lora_file(weak_dir, "weak checkpoint")
+            existing_lora_file(weak_dir, "weak checkpoint")
         except BoothkitError as error:
             raise BoothkitError(f"--method ag needs a weak checkpoint: {error} (train with --weak_checkpoint_step, "
                                 "or pass --weak_checkpoint_path)") from None
