@@ -20,7 +20,7 @@ from boothkit.evaluate.results import Evaluation, MethodResults, PromptScores
 from boothkit.evaluate.score import ScoreConfig, run_score
 from boothkit.evaluate.search import expected_evaluations, search_subject
 from boothkit.guidance.sampler import GuidedSampler
-from boothkit.layout import MANIFEST_NAME
+from boothkit.layout import MANIFEST_NAME, read_manifest
 from boothkit.testing.tiny import build_tiny
 from boothkit.tune import golden_section_evaluations, golden_section_search
 
@@ -339,9 +339,66 @@ def test_subjects_are_split_across_processes(sd15, layout, scorers, tmp_path):
     assert completed.stdout.count("summary:") == 1  # only the main process reports
     assert [row["subject"] for row in read_summary(out)] == ["dog2", "dogcd"]
     assert sorted(p.name for p in (out / "subjects" / "cfg").iterdir()) == ["dog2.json", "dogcd.json"]
-    manifest = set(json.loads((out / MANIFEST_NAME).read_text())["files"])
-    assert manifest == set(digests(out)) - {MANIFEST_NAME}
+    manifest = set(read_manifest(out)["files"])  # the main manifest with the other process's side manifest
+    assert manifest == {name for name in digests(out) if not name.startswith(".boothkit-manifest")}
     assert "subjects/cfg/dogcd.json" in manifest and any(name.startswith("cache/dogcd/") for name in manifest)
+
+
+class KilledAtTheLastBarrier(Exception):
+    pass
+
+
+class SecondProcessState:
+    """accelerate's state as process 1 of 2 sees it; the run is killed at its last barrier (the main process
+    never gets to see this process's files)."""
+
+    def __init__(self, *args, **kwargs):
+        import torch
+
+        self.device, self.process_index, self.num_processes, self.is_main_process = torch.device("cpu"), 1, 2, False
+        self.barriers = 0
+
+    def wait_for_everyone(self):
+        self.barriers += 1
+        if self.barriers == 2:
+            raise KilledAtTheLastBarrier
+
+
+def test_a_killed_distributed_run_leaves_a_folder_that_can_be_rerun(sd15, layout, scorers, run_cli, monkeypatch,
+                                                                   tmp_path):
+    """Process 1 of a 2-process run writes its subject's cache entry and results, then the run is killed before
+    the main process records them. Its files are boothkit's all the same: a rerun reuses them (and does not
+    refuse them as the user's), and --overwrite removes them."""
+    from boothkit.evaluate import run as run_module
+    from boothkit.evaluate.run import run_evaluate
+    from boothkit.layout import OutputFolder
+
+    shutil.copytree(layout["instance"] / "dog2", layout["instance"] / "dogcd")
+    shutil.copytree(layout["loras"] / "dog2", layout["loras"] / "dogcd")
+    args = evaluate_args(sd15, layout, scorers, "--guidance_scale", 2.0)
+    config = build_config(EvaluateConfig, build_parser().parse_args([str(arg) for arg in args]))
+    out = layout["out"]
+    with OutputFolder(out, "evaluate") as folder:  # what the main process did before the first barrier
+        folder.claim("results.json", "evaluation_summary.csv", "report.html")
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "PartialState", SecondProcessState)
+        with pytest.raises(KilledAtTheLastBarrier):
+            run_evaluate(config)
+    written = {name for name in digests(out) if not name.startswith(".boothkit")}
+    assert "subjects/cfg/dogcd.json" in written and any(name.startswith("cache/dogcd/") for name in written)
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed)
+
+    rerun = run_cli(*args)
+    assert rerun.code == 0, rerun.err
+    assert [row["subject"] for row in read_summary(out)] == ["dog2", "dogcd"]
+    assert written <= set(read_manifest(out)["files"])
+
+    overwrite = run_cli(*evaluate_args(sd15, dict(layout, out=killed), scorers, "--guidance_scale", 2.0,
+                                       "--subjects", "dog2", "--overwrite"))
+    assert overwrite.code == 0, overwrite.err
+    assert not (killed / "cache" / "dogcd").exists() and not (killed / "subjects" / "cfg" / "dogcd.json").exists()
+    assert set(read_manifest(killed)["files"]) == {name for name in digests(killed) if not name.startswith(".boothkit")}
 
 
 @pytest.mark.parametrize("low, high", [(-1e308, 1e308), (-2e6, 10), (0, 1e7), (float("-inf"), 1)])

@@ -32,7 +32,7 @@ from boothkit.evaluate.store import CACHE_DIR, SUBJECTS_DIR, CacheStore, Writer
 from boothkit.evaluate.subjects import Subject, resolve_subjects
 from boothkit.guidance.settings import family_defaults, sampler_settings
 from boothkit.io import write_json_atomic
-from boothkit.layout import OutputFolder, check_output_folder
+from boothkit.layout import OutputFolder, RankClaims, check_output_folder
 
 log = logging.getLogger(__name__)
 COMMAND = "evaluate"
@@ -64,7 +64,7 @@ def run_evaluate(config: EvaluateConfig) -> MethodResults | None:
                 folder.clear()
             folder.claim(RESULTS_NAME, SUMMARY_NAME, REPORT_NAME)  # a user's file there: refused before any work
         state.wait_for_everyone()  # the other processes write only once the manifest is in place
-        writer = Writer(root, folder)
+        writer = Writer(root, folder if folder is not None else RankClaims(root, state.process_index, COMMAND))
         cache = CacheStore(writer)
         evaluator = Evaluator(config, keys, cache, Models(config, state.device, settings))
         mine = subjects[state.process_index::state.num_processes]
@@ -77,7 +77,7 @@ def run_evaluate(config: EvaluateConfig) -> MethodResults | None:
             return None
         for subject in subjects:
             if subject.folder not in results:  # evaluated by another process
-                results[subject.folder] = _adopt_subject(writer, cache, config.method, subject)
+                results[subject.folder] = _read_subject(root, config.method, subject)
         run = MethodResults(method=config.method, settings=config.model_dump(),
                             subjects=[results[subject.folder] for subject in subjects])
         write_outputs(folder, run, cache)
@@ -111,9 +111,7 @@ def _save_subject(writer: Writer, result: SubjectResult) -> None:
     write_json_atomic(path, result.to_json())
 
 
-def _adopt_subject(writer: Writer, cache: CacheStore, method: str, subject: Subject) -> SubjectResult:
-    """Main process: read a subject another process evaluated, and record the files it wrote."""
-    relative = _subject_file(method, subject.folder)
-    result = SubjectResult.from_json(json.loads((writer.root / relative).read_text(encoding="utf-8")))
-    writer.adopt(relative, *(name for evaluation in result.history for name in cache.files(subject.folder, evaluation)))
-    return result
+def _read_subject(root: Path, method: str, subject: Subject) -> SubjectResult:
+    """Main process: a subject another process evaluated (its files are in that process's side manifest)."""
+    path = root / _subject_file(method, subject.folder)
+    return SubjectResult.from_json(json.loads(path.read_text(encoding="utf-8")))

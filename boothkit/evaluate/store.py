@@ -1,9 +1,9 @@
 """Writing into the evaluation folder from every process, and the content-keyed cache of evaluations.
 
 The main process holds the folder's lock (`layout.OutputFolder`) and claims every path in the manifest before
-writing it. Other processes (subjects split across processes) hold no lock: before writing a path they check
-`layout.may_write` (new, or boothkit's own by the manifest on disk), and after the barrier the main process
-adopts their files (`Writer.adopt`), so the manifest lists everything boothkit wrote.
+writing it. Other processes (subjects split across processes) hold no lock: they claim each path in their own
+side manifest (`layout.RankClaims`) before writing it, so every file boothkit wrote is accounted for even when
+the run is killed before the processes meet again (a rerun reuses those files, `--overwrite` removes them).
 
 Cache entries live at `cache/<folder>/<key>/`: the images and `scores.json` (an `Evaluation`), published
 atomically, `scores.json` last; an entry is complete when `scores.json` and every image it lists exist.
@@ -18,7 +18,6 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from boothkit import layout
-from boothkit.errors import BoothkitError
 from boothkit.evaluate.results import Evaluation
 from boothkit.io import atomic_path
 
@@ -28,24 +27,15 @@ SUBJECTS_DIR = "subjects"  # subjects/<method>/<folder>.json: each process's res
 
 
 class Writer:
-    """Paths this process may write in the evaluation folder `root` (relative paths, POSIX style)."""
+    """Paths this process may write in the evaluation folder `root` (relative paths, POSIX style): claimed in
+    the manifest (the main process's locked `OutputFolder`) or in this process's side manifest (`RankClaims`)."""
 
-    def __init__(self, root: Path, folder: layout.OutputFolder | None):
+    def __init__(self, root: Path, claims: layout.OutputFolder | layout.RankClaims):
         self.root = root
-        self.folder = folder  # the locked folder on the main process, None on the others
+        self.claims = claims
 
     def claim(self, *relatives: str | PurePosixPath) -> list[Path]:
-        if self.folder is not None:
-            return self.folder.claim(*relatives)
-        for relative in relatives:
-            if not layout.may_write(self.root, relative):
-                raise BoothkitError(f"will not replace '{self.root / relative}': boothkit did not write it (move "
-                                    "it away, or choose another output_dir)")
-        return [self.root / relative for relative in relatives]
-
-    def adopt(self, *relatives: str | PurePosixPath) -> None:
-        """Main process: record files the other processes wrote."""
-        self.folder.adopt(*relatives)
+        return self.claims.claim(*relatives)
 
 
 class CacheStore:
