@@ -210,6 +210,27 @@ def test_several_methods_share_one_folder(sd15, layout, scorers, run_cli):
     assert (out / "dog2" / "cfg" / "notes.txt").read_text() == "mine"
 
 
+def test_results_of_other_models_are_dropped(sd15, layout, scorers, run_cli):
+    """cfg and ag evaluated into one folder, then the LoRA retrained (other bytes) and cfg evaluated again: ag's
+    results came from the old LoRA, so its rows, results and images go, named in one warning line."""
+    out = layout["out"]
+    for method in ("cfg", "ag"):
+        assert run_cli(*evaluate_args(sd15, layout, scorers, "--method", method, "--guidance_scale", 2.0)).code == 0
+    assert [row["method"] for row in read_summary(out)] == ["cfg", "ag"]
+    lora = layout["loras"] / "dog2" / "pytorch_lora_weights.safetensors"
+    data = bytearray(lora.read_bytes())
+    data[-3] ^= 0x40  # a bit of the last tensor: as if retrained
+    lora.write_bytes(bytes(data))
+    result = run_cli(*evaluate_args(sd15, layout, scorers, "--method", "cfg", "--guidance_scale", 2.0))
+    assert result.code == 0, result.err
+    warnings = [line for line in result.err.splitlines() if "dropping" in line]
+    assert len(warnings) == 1 and "ag" in warnings[0], result.err
+    assert [row["method"] for row in read_summary(out)] == ["cfg"]
+    assert set(read_runs(out)) == {"cfg"}
+    assert "dog2/ag/" not in (out / "report.html").read_text() and not (out / "dog2" / "ag").exists()
+    assert set(read_manifest(out)["files"]) == {name for name in digests(out) if not name.startswith(".boothkit")}
+
+
 def test_user_files_are_never_replaced_or_removed(sd15, layout, scorers, run_cli):
     """Pointed at the reference photos' own folder, evaluate refuses; with --overwrite it writes beside the
     photos; a second --overwrite removes only what boothkit wrote. Not one user file changes."""

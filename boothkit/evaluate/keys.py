@@ -68,6 +68,13 @@ class EvaluationKeys:
             }
         return self._subjects[subject.folder]
 
+    def results_identity(self, subjects: list[Subject]) -> dict:
+        """What every method's results in one folder must share to be compared: the base model and, per subject
+        folder, its reference photos and LoRA (stored with each method's results; `outputs.write_outputs`)."""
+        return {"model": self.run_identity["model"],
+                "subjects": {subject.folder: {name: self.subject_identity(subject)[name]
+                                              for name in ("references", "lora")} for subject in subjects}}
+
     def key(self, subject: Subject, setting: Setting) -> str:
         """The key of evaluating `setting` for `subject`."""
         return identity.value_digest({

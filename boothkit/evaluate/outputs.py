@@ -22,6 +22,7 @@ from boothkit.layout import OutputFolder
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME, RESULTS_NAME = "evaluation_summary.csv", "results.json"
+IDENTITY_KEY = "identity"  # in results.json, with each method's results: what they were computed from
 
 
 def best_image(folder: str, method: str, name: str) -> PurePosixPath:
@@ -50,24 +51,47 @@ def read_runs(root: Path) -> dict[str, MethodResults]:
     return {method: MethodResults.from_json(data) for method, data in _read_methods(root).items()}
 
 
-def write_outputs(folder: OutputFolder, run: MethodResults, cache: CacheStore) -> list[MethodResults]:
+def write_outputs(folder: OutputFolder, run: MethodResults, cache: CacheStore, identity: dict) -> list[MethodResults]:
     """Add `run` to the folder's results (replacing an earlier run of its method); returns every method's.
+
+    `identity` (`EvaluationKeys.results_identity`: the base model, each subject's photos and LoRA) is stored
+    with the run's results. Other methods whose results were computed from another identity (a retrained LoRA,
+    another model at the same path ...) are stale: they are dropped, with their best images, and named in one
+    warning line, so the summary and the report never compare results of different models.
 
     When the folder already holds exactly these results, with their images and reports, nothing is rewritten
     (a fully cached re-run then takes a fraction of a second: drawing the report's plots takes longer)."""
     methods = _read_methods(folder.root)
-    if methods.get(run.method) == json.loads(json.dumps(run.to_json())) and _outputs_present(folder, run):
+    identity = json.loads(json.dumps(identity))
+    entry = json.loads(json.dumps({**run.to_json(), IDENTITY_KEY: identity}))
+    dropped = [method for method, data in methods.items()
+               if method != run.method and not _same_sources(data.get(IDENTITY_KEY), identity)]
+    if not dropped and methods.get(run.method) == entry and _outputs_present(folder, run):
         return [MethodResults.from_json(data) for data in methods.values()]
-    runs = {method: MethodResults.from_json(data) for method, data in methods.items()}
-    stale = _copy_best_images(folder, run, cache)
-    runs[run.method] = run
-    everything = list(runs.values())
-    write_json_atomic(folder.path(RESULTS_NAME), {"methods": {r.method: r.to_json() for r in everything}})
+    if dropped:
+        log.warning("dropping the results of %s from '%s': they were computed from another base model, other "
+                    "reference photos or other LoRAs (evaluate them again)", ", ".join(dropped), folder.root)
+    entries = {method: data for method, data in methods.items() if method not in dropped}
+    entries[run.method] = entry
+    everything = [run if method == run.method else MethodResults.from_json(data) for method, data in entries.items()]
+    obsolete = _copy_best_images(folder, run, cache)
+    obsolete += [name for name in sorted(folder.files) if any(_is_best_image(name, method) for method in dropped)]
+    write_json_atomic(folder.path(RESULTS_NAME), {"methods": entries})
     write_text_atomic(folder.path(SUMMARY_NAME), summary_csv(everything))
     write_report(folder, everything)
-    for name in stale:  # last: until the new results are written, the old ones keep their images
+    for name in obsolete:  # last: until the new results are written, the old ones keep their images
         folder.remove(name)
     return everything
+
+
+def _same_sources(earlier: dict | None, identity: dict) -> bool:
+    """Whether results stored with identity `earlier` may be compared with the current run's: the same base model,
+    and the same photos and LoRA for each subject both evaluated (a subject only one of them evaluated cannot
+    disagree). Results stored without an identity (an older boothkit) cannot be checked: they count as stale."""
+    if not isinstance(earlier, dict) or earlier.get("model") != identity["model"]:
+        return False
+    subjects, current = earlier.get("subjects"), identity["subjects"]
+    return isinstance(subjects, dict) and all(subjects[name] == current[name] for name in subjects.keys() & current.keys())
 
 
 def _outputs_present(folder: OutputFolder, run: MethodResults) -> bool:

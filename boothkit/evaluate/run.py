@@ -80,7 +80,7 @@ def run_evaluate(config: EvaluateConfig) -> MethodResults | None:
                 results[subject.folder] = _read_subject(root, config.method, subject)
         run = MethodResults(method=config.method, settings=config.model_dump(),
                             subjects=[results[subject.folder] for subject in subjects])
-        write_outputs(folder, run, cache)
+        write_outputs(folder, run, cache, keys.results_identity(subjects))
         return run
 
 
