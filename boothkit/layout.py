@@ -140,9 +140,7 @@ class OutputFolder:
             if manifest is not None and manifest["command"] != self.command:
                 raise BoothkitError(f"output_dir '{self.root}' holds the output of `boothkit {manifest['command']}`")
             self.files = set(manifest["files"]) if manifest else set()
-            self._save_manifest()
-            for side in self.root.glob(RANK_MANIFEST_GLOB):  # folded into the manifest just saved
-                side.unlink(missing_ok=True)
+            self.absorb_ranks()
         except BaseException:
             self._release_lock()
             raise
@@ -233,13 +231,18 @@ class OutputFolder:
         """`claim` for one path."""
         return self.claim(relative)[0]
 
-    def adopt(self, *relatives: str | os.PathLike) -> None:
-        """Record files that this run's other processes wrote (they hold no lock and keep no manifest; before
-        writing they checked `may_write` against the manifest on disk)."""
-        new = {Path(relative).as_posix() for relative in relatives} - self.files
-        if new:
-            self.files |= new
-            self._save_manifest()
+    def absorb_ranks(self) -> None:
+        """Fold what other ranks claimed (their side manifests, `RankClaims`) into this manifest, and remove the
+        side manifests (call after the barrier that ends their writing)."""
+        sides = sorted(self.root.glob(RANK_MANIFEST_GLOB))
+        for side in sides:
+            try:
+                self.files |= set(json.loads(side.read_text(encoding="utf-8"))["files"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise BoothkitError(f"'{side}' is damaged; boothkit cannot tell its files from yours there") from None
+        self._save_manifest()
+        for side in sides:
+            side.unlink(missing_ok=True)
 
     # Deleting (only what the manifest lists) -------------------------------------------------------------
     def remove(self, prefix: str | os.PathLike = "") -> int:
@@ -280,17 +283,6 @@ class OutputFolder:
 
     def folder(self, relative: str | os.PathLike) -> "SubFolder":
         return SubFolder(self, Path(relative))
-
-
-def may_write(root: str | os.PathLike, relative: str | os.PathLike) -> bool:
-    """For processes that do not hold the folder's lock (other ranks of a distributed run): True when the path
-    is new or boothkit's own according to the manifest on disk."""
-    root = Path(root).expanduser()
-    target = root / relative
-    if not (target.exists() or target.is_symlink()):
-        return True
-    manifest = read_manifest(root)
-    return manifest is not None and Path(relative).as_posix() in manifest["files"]
 
 
 class RankClaims:

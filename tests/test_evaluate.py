@@ -360,7 +360,8 @@ def test_subjects_are_split_across_processes(sd15, layout, scorers, tmp_path):
     assert completed.stdout.count("summary:") == 1  # only the main process reports
     assert [row["subject"] for row in read_summary(out)] == ["dog2", "dogcd"]
     assert sorted(p.name for p in (out / "subjects" / "cfg").iterdir()) == ["dog2.json", "dogcd.json"]
-    manifest = set(read_manifest(out)["files"])  # the main manifest with the other process's side manifest
+    assert not list(out.glob(".boothkit-manifest.rank*"))  # the main process absorbed the other's claims
+    manifest = set(read_manifest(out)["files"])
     assert manifest == {name for name in digests(out) if not name.startswith(".boothkit-manifest")}
     assert "subjects/cfg/dogcd.json" in manifest and any(name.startswith("cache/dogcd/") for name in manifest)
 

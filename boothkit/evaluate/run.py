@@ -73,6 +73,8 @@ def run_evaluate(config: EvaluateConfig) -> MethodResults | None:
             results[subject.folder] = search_subject(evaluator, subject, defaults.default_guidance_scale)
             _save_subject(writer, results[subject.folder])
         state.wait_for_everyone()
+        if folder is not None:
+            folder.absorb_ranks()  # the other processes are done writing
         if folder is None:
             return None
         for subject in subjects:
