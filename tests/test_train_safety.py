@@ -312,6 +312,7 @@ def test_another_folders_checkpoint_resumes_only_into_an_empty_folder_or_with_ov
     new = tmp_path / "new"
     result = run_cli(*train_args(sd15, instance_dir, new, *resume_y))
     assert result.code == 0, result.err
+    assert "gets no weak LoRA" in result.err and not (new / "weak").exists()
     assert load_file(new / LORA).keys() == load_file(b / LORA).keys()
     assert all(torch.equal(value, load_file(b / LORA)[key]) for key, value in load_file(new / LORA).items())
 

@@ -332,6 +332,9 @@ def _claim_output_dir(config: TrainConfig, folder: OutputFolder, resumed: ckpt.C
     user's file in the way ends the run now rather than after all its steps."""
     _tidy_output_dir(config, folder, resumed, resume_path)
     folder.claim(*planned_outputs(config, resumed.step if resumed else 0))
+    if resumed is not None and 0 < config.resolved_weak_step <= resumed.step and not folder.owns(WEAK_LORA):
+        log.warning("'%s' gets no weak LoRA: its step (%d) precedes the resumed step %d; copy the weak/ of the run "
+                    "that wrote %s", folder.root, config.resolved_weak_step, resumed.step, resume_path)
 
 
 def _tidy_output_dir(config: TrainConfig, folder: OutputFolder, resumed: ckpt.Checkpoint | None,
