@@ -130,6 +130,7 @@ class OutputFolder:
         self.command = command
         self.files: set[str] = set()
         self._lock_fd: int | None = None
+        self._new_manifest = False
 
     # Lock ------------------------------------------------------------------------------------------------
     def __enter__(self) -> "OutputFolder":
@@ -140,6 +141,7 @@ class OutputFolder:
             if manifest is not None and manifest["command"] != self.command:
                 raise BoothkitError(f"output_dir '{self.root}' holds the output of `boothkit {manifest['command']}`")
             self.files = set(manifest["files"]) if manifest else set()
+            self._new_manifest = manifest is None
             self.absorb_ranks()
         except BaseException:
             self._release_lock()
@@ -147,6 +149,8 @@ class OutputFolder:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        if self._new_manifest and not self.files:  # this run wrote nothing here: leave no trace of boothkit
+            (self.root / MANIFEST_NAME).unlink(missing_ok=True)
         self._release_lock()
 
     def _take_lock(self) -> None:

@@ -67,3 +67,13 @@ def test_check_writable_refuses_a_users_file_before_anything_is_removed(tmp_path
         with pytest.raises(BoothkitError, match="weights.bin"):
             folder.check_writable("config.json", "weights.bin")
         assert (root / "config.json").exists()
+
+
+def test_a_run_that_writes_nothing_leaves_no_manifest_in_a_users_folder(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "dog.jpg").write_bytes(b"the user's photo")
+    with pytest.raises(BoothkitError):
+        with OutputFolder(root, "train") as folder:
+            folder.claim("dog.jpg")
+    assert sorted(p.name for p in root.iterdir()) == ["dog.jpg"]
