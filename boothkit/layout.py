@@ -169,12 +169,12 @@ class OutputFolder:
             if _inode(lock) != os.fstat(fd).st_ino:  # the holder released (and removed) it meanwhile: again
                 os.close(fd)
                 continue
-            self._lock_fd = fd
             try:
                 self._check_recorded_holder(_holder(fd))
             except BaseException:
-                self._release_lock()
+                os.close(fd)  # refused: the lock file and its record stay as they were
                 raise
+            self._lock_fd = fd
             record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             os.ftruncate(fd, 0)

@@ -49,6 +49,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def sana(tmp_path_factory) -> Path:
+    return build_tiny("sana", tmp_path_factory.mktemp("sana") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
 def sd15(tiny_models) -> Path:
     return tiny_models["sd15"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +14,11 @@ from boothkit.families import FamilyOptions, load_family
 from boothkit.families import base as family_base
 from boothkit.families.sana import DEFAULT_CHI
 from boothkit.guidance.config import SampleConfig
-from boothkit.testing.tiny import build_tiny
 from boothkit.train.config import TrainConfig
 
 CPU = torch.device("cpu")
 SD_LONG = "a sks dog " * 30  # 90 words, each one token of the tiny CLIP tokenizer; + BOS + EOS = 92 tokens
 SD_AT_LIMIT = "a sks dog " * 25  # 75 words + BOS + EOS = 77 tokens: all read
-
-
-@pytest.fixture(scope="module")
-def sana(tmp_path_factory) -> Path:
-    return build_tiny("sana", tmp_path_factory.mktemp("sana") / "model", seed=0)
 
 
 @pytest.fixture

@@ -20,12 +20,6 @@ from boothkit.formats.metadata import PROMPT_ENCODING_KEY
 from boothkit.guidance import adapters
 from boothkit.guidance.config import SampleConfig
 from boothkit.layout import LORA_WEIGHT_NAME
-from boothkit.testing.tiny import build_tiny
-
-
-@pytest.fixture(scope="module")
-def sana(tmp_path_factory) -> Path:
-    return build_tiny("sana", tmp_path_factory.mktemp("sana") / "model", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,7 @@ def test_a_live_process_recorded_in_the_lock_is_respected(sd15, sd15_lora, tmp_p
         finally:
             other.kill()
     assert result.code == 2 and f"pid {other.pid}" in result.err
+    assert json.loads((out / LOCK_NAME).read_text()) == holder  # refused: their lock file is left as it was
 
 
 def test_a_dead_writers_lock_is_taken_over(sd15, sd15_lora, tmp_path, run_cli):

@@ -33,11 +33,6 @@ def train_args(model, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def sana(tmp_path_factory) -> Path:
-    return build_tiny("sana", tmp_path_factory.mktemp("sana") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
 def sana_lora(sana, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sana-lora") / "lora"
     assert cli_main([str(a) for a in train_args(sana, out, "--max_train_steps", 20, "--learning_rate", 1e-2,
