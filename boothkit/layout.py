@@ -193,7 +193,7 @@ class OutputFolder:
                                 f"delete {self.root / LOCK_NAME}")
         if isinstance(pid, int) and pid != os.getpid() and _process_alive(pid):
             raise BoothkitError(f"output_dir '{self.root}' is in use by {_describe(holder)}; wait for it to "
-                                "finish or stop it")
+                                f"finish or stop it (if no boothkit run is there, delete {self.root / LOCK_NAME})")
         log.warning("taking over the lock of '%s' from %s, which is no longer running", self.root, _describe(holder))
 
     def _release_lock(self) -> None:
