@@ -12,10 +12,11 @@ from boothkit.errors import BoothkitError, first_line
 from boothkit.families.base import Conditioning, FamilyOptions, LatentDistribution, ModelFamily
 from boothkit.families.sana import SanaFamily
 from boothkit.families.sd import StableDiffusionFamily
+from boothkit.families.sdxl import StableDiffusionXLFamily
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily, SanaFamily)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily, StableDiffusionXLFamily, SanaFamily)
 # Pipelines of the field that boothkit knows but does not support yet: a clearer message than "unsupported".
-PLANNED = {"StableDiffusionXLPipeline": "SDXL"}
+PLANNED: dict[str, str] = {}
 
 __all__ = ["Conditioning", "FamilyOptions", "LatentDistribution", "ModelFamily", "FAMILIES", "load_family",
            "family_class_for", "weights_dtype"]
