@@ -6,6 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from boothkit.families.base import Conditioning, FamilyOptions, ModelFamily, first_sight, warn_if_truncated
+from boothkit.train.losses import snr
 
 _FLOW_MATCHING_OPTIONS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
 
@@ -34,6 +35,10 @@ class StableDiffusionFamily(ModelFamily):
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
+
+    def timestep_snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """SNR(t) = ᾱ_t/(1 − ᾱ_t) of the training timesteps, for min-SNR-γ weighting (`--snr_gamma`)."""
+        return snr(self.noise_scheduler.alphas_cumprod, timesteps)
 
     def unused_options(self) -> dict[str, str]:
         unused = {name: "applies to flow-matching models (SANA); SD trains with DDPM timesteps"

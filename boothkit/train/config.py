@@ -39,6 +39,9 @@ class TrainConfig(ModelSourceOptions):
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
+    snr_gamma: float | None = Field(
+        None, gt=0, description="DDPM models (SD): min-SNR-γ weighting of the instance loss (Hang et al. 2023; "
+                                "γ = 5 recommended).")
     use_8bit_adam: bool = Field(False, description="bitsandbytes 8-bit AdamW (pip install 'boothkit[bnb]').")
     seed: int = Field(0, ge=0, lt=2**63 - 2**20, description="Seed: the same seed gives the same weights.")
     # Images.

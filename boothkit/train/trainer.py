@@ -1,8 +1,9 @@
 """DreamBooth-LoRA training (Ruiz et al. 2022; LoRA: Hu et al. 2021) for any `ModelFamily`.
 
 Loss per micro-batch: ‖ε_θ(x_t, c_inst) − target‖² + λ_prior·‖ε_θ(x'_t, c_class) − target'‖² (Ruiz et al. Eq. 2),
-the target being ε, v or the flow as the family says. Frozen modules run without gradients; latents and
-prompt embeddings are computed once when nothing can change them.
+the target being ε, v or the flow as the family says. `--snr_gamma` weights the instance term per sample by
+min-SNR-γ (`boothkit.train.losses`); the prior-preservation term stays unweighted. Frozen modules run
+without gradients; latents and prompt embeddings are computed once when nothing can change them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from boothkit.train import checkpoint as ckpt
 from boothkit.train.class_images import generate_class_images, missing_class_indices
 from boothkit.train.config import TrainConfig
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
+from boothkit.train.losses import min_snr_weights
 from boothkit.train.lora import (attach_lora, load_trainable_state, prompt_encoding_settings, save_lora,
                                  trainable_parameters, trainable_state)
 from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
@@ -105,8 +107,13 @@ def train(config: TrainConfig) -> TrainResult:
 def _check_inputs(config: TrainConfig) -> list[tuple[Path, Image.Image]]:
     """What can be checked cheaply fails before the output folder is touched; returns the instance photos."""
     instance_files = load_image_folder(config.instance_data_dir, "instance data folder")
-    family_class_for(read_model_index(config.pretrained_model_name_or_path, config.revision),
-                     config.pretrained_model_name_or_path)
+    family_class = family_class_for(read_model_index(config.pretrained_model_name_or_path, config.revision),
+                                    config.pretrained_model_name_or_path)
+    if getattr(family_class, "training_unsupported", None):  # SDXL: sampling only, until its training lands
+        raise BoothkitError(family_class.training_unsupported)
+    if config.snr_gamma is not None and not hasattr(family_class, "timestep_snr"):
+        raise BoothkitError(f"--snr_gamma applies to DDPM models (SD); {family_class.name} trains with flow "
+                            "matching: use --weighting_scheme")
     class_dir = Path(config.class_data_dir) if config.with_prior_preservation else None
     if class_dir is not None and class_dir.exists() and not class_dir.is_dir():
         raise BoothkitError(f"class data folder '{class_dir}' is not a folder")
@@ -214,6 +221,11 @@ def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
     noisy, timesteps, target, weights = family.training_sample(latents, noise, timestep_generators)
     prediction = family.predict(noisy, timesteps, conditioning, denoiser=run.denoiser)
     per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1) * weights
+    if config.snr_gamma is not None:  # the instance rows come first; the prior loss stays unweighted
+        snr_weights = torch.ones_like(per_sample)
+        snr_weights[:len(positions)] = min_snr_weights(family.timestep_snr(timesteps[:len(positions)]),
+                                                       config.snr_gamma, family.prediction_type)
+        per_sample = per_sample * snr_weights
     if run.classes is None:
         return per_sample.mean()
     instance_loss, prior_loss = per_sample.chunk(2)
