@@ -201,6 +201,7 @@ def test_resume_refuses_other_photos(checkpointed, sd15, instance_dir, tmp_path,
     (("--instance_prompt", "a photo of zwx dog"), "the instance prompt (--instance_prompt) differs"),
     (("--seed", 7), "the seed (--seed) differs"),
     (("--rank", 8, "--seed", 7), "the seed (--seed) and the LoRA rank (--rank) differ"),
+    (("--snr_gamma", 5), "the loss (--snr_gamma"),
 ])
 def test_resume_refuses_another_prompt_or_seed(checkpointed, sd15, instance_dir, run_cli, change, expected):
     before = tree(checkpointed)

@@ -32,6 +32,7 @@ DESCRIPTIONS = {
     "train_batch_size": "--train_batch_size",
     "gradient_accumulation_steps": "--gradient_accumulation_steps",
     "weak_checkpoint_step": "the weak checkpoint step (--weak_checkpoint_step)",
+    "loss": "the loss (--snr_gamma, --prior_loss_weight, --weighting_scheme and its parameters)",
 }
 _PLURAL = {"instance_photos", "class_images"}
 
@@ -57,6 +58,9 @@ def run_identity(config: TrainConfig, instance_files: Sequence[Path], class_file
         "train_batch_size": config.train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "weak_checkpoint_step": config.resolved_weak_step,  # weak/ is written once: a resume cannot move it
+        "loss": {"snr_gamma": config.snr_gamma, "prior_loss_weight": config.prior_loss_weight if prior else None,
+                 "weighting_scheme": config.weighting_scheme, "logit_mean": config.logit_mean,
+                 "logit_std": config.logit_std, "mode_scale": config.mode_scale},
     }
 
 
