@@ -41,11 +41,12 @@ class StableDiffusionFamily(ModelFamily):
         return snr(self.noise_scheduler.alphas_cumprod, timesteps)
 
     def unused_options(self) -> dict[str, str]:
-        unused = {name: "applies to flow-matching models (SANA); SD trains with DDPM timesteps"
-                  for name in _FLOW_MATCHING_OPTIONS}
-        unused["max_sequence_length"] = (f"applies to SANA; SD's CLIP text encoder reads "
+        name = self.name.upper()
+        unused = {option: f"applies to flow-matching models (SANA); {name} trains with DDPM timesteps"
+                  for option in _FLOW_MATCHING_OPTIONS}
+        unused["max_sequence_length"] = (f"applies to SANA; {name}'s CLIP text encoders read "
                                          f"{self.pipeline.tokenizer.model_max_length} tokens")
-        unused["complex_human_instruction"] = "applies to SANA; SD prompts have no complex human instruction"
+        unused["complex_human_instruction"] = f"applies to SANA; {name} prompts have no complex human instruction"
         return unused
 
     def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:

@@ -9,20 +9,16 @@ height, width) (Podell et al. 2023, Sec. 2.2); for sampling they are the pipelin
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler
 
-from boothkit.families.base import Conditioning, FamilyOptions, ModelFamily, first_sight, warn_if_truncated
-
-_FLOW_MATCHING_OPTIONS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+from boothkit.families.base import Conditioning, first_sight, warn_if_truncated
+from boothkit.families.sd import StableDiffusionFamily
 
 
-class StableDiffusionXLFamily(ModelFamily):
+class StableDiffusionXLFamily(StableDiffusionFamily):
+    """SD's DDPM training target, LoRA targets and options; SDXL's prompts, micro-conditioning and decoding."""
+
     name = "sdxl"
     pipeline_class_names = ("StableDiffusionXLPipeline",)
-    denoiser_name = "unet"
-    # The attention projections, as the diffusers SDXL DreamBooth-LoRA example targets them.
-    denoiser_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
-    text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     # The scheduler class of stabilityai/stable-diffusion-xl-base-1.0 (EulerDiscreteScheduler), configured from
     # the model's own scheduler config by `make_scheduler`; the pipeline's defaults for steps and guidance.
     default_scheduler = "euler"
@@ -32,26 +28,13 @@ class StableDiffusionXLFamily(ModelFamily):
     # LoRAs, the fp16-fix VAE) is the next piece of issue 10.
     training_unsupported = "boothkit does not support training SDXL models yet (sampling them works)"
 
-    def __init__(self, pipeline, source: str, options: FamilyOptions = FamilyOptions()):
-        super().__init__(pipeline, source, options)
-        # The forward (noising) process of training: DDPM with the model's own beta schedule.
-        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+    @classmethod
+    def load_kwargs(cls) -> dict:
+        return {}  # SDXL pipelines have no safety checker
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.pipeline.text_encoder, self.pipeline.text_encoder_2]
-
-    def unused_options(self) -> dict[str, str]:
-        unused = {name: "applies to flow-matching models (SANA); SDXL trains with DDPM timesteps"
-                  for name in _FLOW_MATCHING_OPTIONS}
-        unused["max_sequence_length"] = (f"applies to SANA; SDXL's CLIP text encoders read "
-                                         f"{self.pipeline.tokenizer.model_max_length} tokens")
-        unused["complex_human_instruction"] = "applies to SANA; SDXL prompts have no complex human instruction"
-        return unused
 
     # Prompts ---------------------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:
@@ -92,22 +75,6 @@ class StableDiffusionXLFamily(ModelFamily):
         added = {"text_embeds": conditioning.tensors["text_embeds"], "time_ids": self.time_ids(latents, embeds.dtype)}
         return denoiser(latents, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added,
                         return_dict=False)[0]
-
-    def training_sample(self, latents, noise, generators):
-        """DDPM training (Ho et al. 2020): t ~ U{0..T-1}, x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε; target ε or v. (The
-        per-image crop micro-conditioning of training is not part of this yet: `predict` uses no-crop ids.)"""
-        batch = latents.shape[0]
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=generator) for generator in generators])
-        timesteps = timesteps.to(latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
-        return noisy, timesteps, target, torch.ones(batch, device=latents.device)
 
     # Images ----------------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor):
