@@ -6,17 +6,20 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from boothkit import seeding
 from boothkit.errors import BoothkitError
 from boothkit.families.base import ModelFamily
 from boothkit.formats.metadata import encode_prompt_encoding
 from boothkit.io import atomic_path
 from boothkit.layout import LORA_WEIGHT_NAME, TMP_PREFIX, lora_file
+from boothkit.train.config import TrainConfig
 
 
 def attach_lora(module: torch.nn.Module, targets: tuple[str, ...], rank: int, alpha: float, seed: int) -> None:
@@ -26,6 +29,52 @@ def attach_lora(module: torch.nn.Module, targets: tuple[str, ...], rank: int, al
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # A's Gaussian initialisation draws from the global generator
         module.add_adapter(config)
+
+
+def lora_targets(config: TrainConfig, family: ModelFamily) -> dict[str, tuple[str, ...]]:
+    """The LoRA target layers of each trained module: {denoiser name: ..., ["text_encoder": ...]}."""
+    targets = {family.denoiser_name: denoiser_targets(config, family)}
+    if config.train_text_encoder:
+        if not family.text_encoder_lora_targets:
+            raise BoothkitError(f"--train_text_encoder is not supported for {family.name} models")
+        targets["text_encoder"] = family.text_encoder_lora_targets
+    return targets
+
+
+def attach_adapters(config: TrainConfig, family: ModelFamily, weight_dtype: torch.dtype,
+                    targets: dict[str, tuple[str, ...]]) -> dict:
+    """Freeze the trained modules and attach their LoRAs (each initialised from its own derived seed), with
+    gradient checkpointing if asked; LoRA weights train in float32 whatever the frozen weights' dtype."""
+    trainable = {name: family.denoiser if name == family.denoiser_name else family.text_encoder for name in targets}
+    for index, (name, module) in enumerate(trainable.items()):
+        module.train()  # transformers' checkpointing layers only checkpoint in training mode (dropout is 0)
+        attach_lora(module, targets[name], config.rank, config.resolved_lora_alpha,
+                    seeding.derived_seed(config.seed, "lora_init", index))
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(module)
+    if weight_dtype != torch.float32:
+        cast_training_params(list(trainable.values()), dtype=torch.float32)  # LoRA weights train in fp32
+    return trainable
+
+
+def denoiser_targets(config: TrainConfig, family: ModelFamily) -> tuple[str, ...]:
+    if not config.lora_layers:
+        return family.denoiser_lora_targets
+    targets = tuple(name.strip() for name in config.lora_layers.split(",") if name.strip())
+    names = {name for name, _ in family.denoiser.named_modules()}
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown or not targets:
+        raise BoothkitError(f"--lora_layers: no module of the {family.denoiser_name} is named {', '.join(unknown)}")
+    return targets
+
+
+def enable_gradient_checkpointing(module: torch.nn.Module) -> None:
+    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+        module.enable_gradient_checkpointing()
+    elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+        module.activation_checkpointing_enable()
+    else:
+        module.gradient_checkpointing_enable()
 
 
 def trainable_parameters(modules: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:

@@ -20,7 +20,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -36,8 +35,8 @@ from boothkit.train.class_images import generate_class_images, missing_class_ind
 from boothkit.train.config import TrainConfig
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
 from boothkit.train.losses import min_snr_weights
-from boothkit.train.lora import (attach_lora, load_trainable_state, prompt_encoding_settings, save_lora,
-                                 trainable_parameters, trainable_state)
+from boothkit.train.lora import (attach_adapters, load_trainable_state, lora_targets, prompt_encoding_settings,
+                                 save_lora, trainable_parameters, trainable_state)
 from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
 from boothkit.train.run_identity import check_same_run, run_identity
 from boothkit.train.validation import save_validation_images, validation_image_names
@@ -267,7 +266,7 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
                             f"{family.name} models")
     warn_small_images(instance_files, resolution)
     class_files = _class_images(config, family, accelerator, resolution)
-    targets = _lora_targets(config, family)
+    targets = lora_targets(config, family)
     identity = None
     if resumed is not None or (folder is not None and config.checkpointing_steps < config.max_train_steps):
         identity = run_identity(config, [path for path, _ in instance_files], [path for path, _ in class_files],
@@ -287,7 +286,7 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
         for text_encoder in family.text_encoders:
             text_encoder.to("cpu")
         torch.cuda.empty_cache()
-    trainable = _attach_adapters(config, family, weight_dtype, targets)
+    trainable = attach_adapters(config, family, weight_dtype, targets)
     optimizer, lr_scheduler = _optimizer(config, trainable)
     if resumed is not None:
         _restore(resumed, config, trainable, optimizer, lr_scheduler, accelerator)
@@ -416,50 +415,6 @@ def _cached_prompts(config: TrainConfig, family: ModelFamily, device: torch.devi
     if config.with_prior_preservation:
         prompts["class"] = config.class_prompt
     return {name: family.encode_prompts([text], device).detach() for name, text in prompts.items()}
-
-
-def _lora_targets(config: TrainConfig, family: ModelFamily) -> dict[str, tuple[str, ...]]:
-    """The LoRA target layers of each trained module: {denoiser name: ..., ["text_encoder": ...]}."""
-    targets = {family.denoiser_name: _denoiser_targets(config, family)}
-    if config.train_text_encoder:
-        if not family.text_encoder_lora_targets:
-            raise BoothkitError(f"--train_text_encoder is not supported for {family.name} models")
-        targets["text_encoder"] = family.text_encoder_lora_targets
-    return targets
-
-
-def _attach_adapters(config: TrainConfig, family: ModelFamily, weight_dtype: torch.dtype,
-                     targets: dict[str, tuple[str, ...]]) -> dict:
-    trainable = {name: family.denoiser if name == family.denoiser_name else family.text_encoder for name in targets}
-    for index, (name, module) in enumerate(trainable.items()):
-        module.train()  # transformers' checkpointing layers only checkpoint in training mode (dropout is 0)
-        attach_lora(module, targets[name], config.rank, config.resolved_lora_alpha,
-                    seeding.derived_seed(config.seed, "lora_init", index))
-        if config.gradient_checkpointing:
-            _enable_gradient_checkpointing(module)
-    if weight_dtype != torch.float32:
-        cast_training_params(list(trainable.values()), dtype=torch.float32)  # LoRA weights train in fp32
-    return trainable
-
-
-def _denoiser_targets(config: TrainConfig, family: ModelFamily) -> tuple[str, ...]:
-    if not config.lora_layers:
-        return family.denoiser_lora_targets
-    targets = tuple(name.strip() for name in config.lora_layers.split(",") if name.strip())
-    names = {name for name, _ in family.denoiser.named_modules()}
-    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if unknown or not targets:
-        raise BoothkitError(f"--lora_layers: no module of the {family.denoiser_name} is named {', '.join(unknown)}")
-    return targets
-
-
-def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
-    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
-        module.enable_gradient_checkpointing()
-    elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
-        module.activation_checkpointing_enable()
-    else:
-        module.gradient_checkpointing_enable()
 
 
 def _optimizer(config: TrainConfig, trainable: dict) -> tuple[torch.optim.Optimizer, object]:
