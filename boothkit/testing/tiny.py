@@ -21,7 +21,8 @@ make "sks", "dog", "the" and "of" single tokens) and a Gemma BPE with byte fallb
 Weights come from torch's RNG seeded per module inside `torch.random.fork_rng`, so the caller's RNG state is
 untouched, the same seed gives byte-identical safetensors files and another seed other weights. Each tiny folder
 is under 3 MB and builds in well under a second. `build_sd_bench` writes an SD-1.5-shaped pipeline of reduced
-width (about 35 M UNet parameters, 512 px default) for benchmarks.
+width (about 35 M UNet parameters, 512 px default) for benchmarks, `build_sdxl_bench` an SDXL-shaped one (about
+54 M UNet parameters, 256 px default).
 
 The folder is built beside `out_dir` and moved into place, as an output folder of `boothkit.layout`: an earlier
 tiny build there (its manifest) is replaced once the new one is complete, a file someone added beside it stays, and
@@ -70,6 +71,12 @@ def build_tiny(kind: str, out_dir: str | Path, seed: int = 0, overwrite: bool = 
 def build_sd_bench(out_dir: str | Path, seed: int = 0) -> Path:
     """Write an SD-1.5-shaped pipeline of reduced width (about 35 M UNet parameters, 512 px) for benchmarks."""
     return _write(functools.partial(_build_sd, bench=True), out_dir, seed)
+
+
+def build_sdxl_bench(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write an SDXL-shaped pipeline of reduced width (two text encoders, about 54 M UNet parameters, 256 px) for
+    benchmarks (sizes: `_SDXL_SIZES`)."""
+    return _write(functools.partial(_build_sdxl, bench=True), out_dir, seed)
 
 
 def build_sana_bench(out_dir: str | Path, seed: int = 0) -> Path:
@@ -225,43 +232,61 @@ def _build_sd(out: Path, seed: int, *, v_prediction: bool = False, bench: bool =
     pipe.save_pretrained(out, safe_serialization=True)
 
 
-def _build_sdxl(out: Path, seed: int) -> None:
-    """SDXL-shaped `StableDiffusionXLPipeline`: CLIP-L-like + bigG-like (projected) text encoders, text_time UNet."""
+# Sizes of the tiny SDXL (tests) and of the reduced-width, SDXL-shaped bench model. The bench model keeps SDXL's
+# structure (Podell et al. 2023, Tab. 1): three UNet levels, no attention in the first, transformer depth growing
+# with depth (SDXL: 1, 2, 10), 64-dim attention heads, a CLIP-L-like and a wider projected bigG-like text encoder
+# whose penultimate states are concatenated, "text_time" conditioning; at a quarter of SDXL's width:
+# about 54 M UNet parameters, 256 px default.
+_SDXL_SIZES = {
+    False: {"text": ({"hidden": 32}, {"hidden": 32}), "channels": (16, 32), "layers": 1, "depth": (1, 2),
+            "heads": (2, 4), "time_dim": 8, "groups": 8, "sample": 16, "vae": ((16, 32), 1, 8, 32)},
+    True: {"text": ({"hidden": 192, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 3},
+                    {"hidden": 320, "intermediate_size": 1280, "num_hidden_layers": 4, "num_attention_heads": 5}),
+           "channels": (64, 128, 256), "layers": 2, "depth": (1, 2, 4), "heads": (1, 2, 4), "time_dim": 64,
+           "groups": 32, "sample": 32, "vae": ((32, 64, 128, 128), 2, 32, 256)},
+}
+
+
+def _build_sdxl(out: Path, seed: int, bench: bool = False) -> None:
+    """SDXL-shaped `StableDiffusionXLPipeline`: CLIP-L-like + bigG-like (projected) text encoders, text_time UNet
+    with attention from the second level on (sizes: `_SDXL_SIZES`)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    size = _SDXL_SIZES[bench]
+    text_1, text_2 = size["text"]
     tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer(pad_token="!")  # SDXL's second tokenizer pads "!"
     with _seeded(seed, 0):
-        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, hidden=32))
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, **text_1))
     with _seeded(seed, 3):
         text_encoder_2 = CLIPTextModelWithProjection(
-            _clip_text_config(tokenizer_2, hidden=32, projection_dim=32, hidden_act="gelu")
+            _clip_text_config(tokenizer_2, projection_dim=text_2["hidden"], hidden_act="gelu", **text_2)
         )
-    time_dim = 8
+    levels = len(size["channels"])
     with _seeded(seed, 1):
         unet = UNet2DConditionModel(
-            sample_size=16,
+            sample_size=size["sample"],
             in_channels=4,
             out_channels=4,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2),
-            attention_head_dim=(2, 4),
+            block_out_channels=size["channels"],
+            layers_per_block=size["layers"],
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+            transformer_layers_per_block=size["depth"],
+            attention_head_dim=size["heads"],  # diffusers' name for the number of heads (SDXL: 5, 10, 20)
             use_linear_projection=True,
-            cross_attention_dim=32 + 32,
+            cross_attention_dim=text_1["hidden"] + text_2["hidden"],
             addition_embed_type="text_time",
-            addition_time_embed_dim=time_dim,
+            addition_time_embed_dim=size["time_dim"],
             # six micro-conditioning numbers (original size, crop origin, target size) + the pooled text embedding
-            projection_class_embeddings_input_dim=6 * time_dim + 32,
-            norm_num_groups=8,
+            projection_class_embeddings_input_dim=6 * size["time_dim"] + text_2["hidden"],
+            norm_num_groups=size["groups"],
         )
     scheduler = EulerDiscreteScheduler(
         **_SD_BETAS, prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear"
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_autoencoder_kl(seed, (16, 32), 1, 8, 32, scaling_factor=0.13025, force_upcast=True),
+        vae=_autoencoder_kl(seed, *size["vae"], scaling_factor=0.13025, force_upcast=True),
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
