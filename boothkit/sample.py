@@ -68,7 +68,8 @@ def _load(config: SampleConfig):
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, dtype, options)
     scale = config.guidance_scale if config.guidance_scale is not None else \
         default_guidance_scale(config.method, family.default_guidance_scale)
-    guidance = make_guidance(config.method, scale, config.cfg_scale, config.omega)  # λ = 0 is a valid scale
+    guidance = make_guidance(config.method, scale, config.cfg_scale, config.omega,  # λ = 0 is a valid scale
+                             config.guidance_rescale)
     adapters = load_guidance_adapters(family, config.lora_dir, config.weak_checkpoint_path, guidance)
     family.pipeline.to(device)
     return family, guidance, adapters
@@ -87,7 +88,8 @@ def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config
         records.append({
             "file": path.name, "prompt": generated.prompt, "seed": generated.seed, "method": guidance.method,
             "guidance_scale": guidance.guidance_scale, "cfg_scale": guidance.cfg_scale, "omega": guidance.omega,
-            "negative_prompt": config.negative_prompt, "steps": settings.num_inference_steps,
+            "guidance_rescale": guidance.guidance_rescale, "negative_prompt": config.negative_prompt,
+            "steps": settings.num_inference_steps,
             "scheduler": settings.scheduler, "height": settings.height, "width": settings.width,
             "model": config.pretrained_model_name_or_path, "lora_dir": config.lora_dir,
             "weak_lora": weak if guidance.needs_weak else None,

@@ -4,8 +4,35 @@ semantics, the model's own scheduler as the default, and the SDXL-shaped bench m
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+from test_eval_cache import baseline, best_key, computed, work  # noqa: F401 (a cached evaluation: fixtures)
+from test_eval_cache import run as run_evaluation
+from test_sdxl import PROMPTS, STEPS, pixels, sdxl, sdxl_lora  # noqa: F401 (the tiny SDXL and its LoRAs: fixtures)
+from test_sdxl import sampler as sdxl_sampler
+
+from boothkit.evaluate.runner import Evaluator
+from boothkit.families import load_family
+from boothkit.guidance.rules import (FINE_COND, FINE_UNCOND, INTERP_UNCOND, WEAK_COND, WEAK_UNCOND, make_guidance,
+                                     rescale_guidance)
+from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
 from boothkit.testing.tiny import build_sdxl_bench
+
+
+def sdxl_pipeline_images(model: Path, lora: Path | None, prompt: str, count: int, seed: int, **call) -> np.ndarray:
+    """`StableDiffusionXLPipeline` with its own scheduler, `lora` loaded, image i from seed + i (a list of
+    generators), `STEPS` steps; `call`: further arguments of the call (guidance_scale, negative_prompt, ...)."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    return pipe(prompt, num_images_per_prompt=count, num_inference_steps=STEPS, output_type="np",
+                generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(count)], **call).images
 
 
 def test_sdxl_bench_shape(tmp_path):
@@ -32,3 +59,116 @@ def test_sdxl_bench_shape(tmp_path):
     assert config.projection_class_embeddings_input_dim == 6 * config.addition_time_embed_dim + text_2.projection_dim
     vae = json.loads((out / "vae" / "config.json").read_text())
     assert config.sample_size * 2 ** (len(vae["block_out_channels"]) - 1) == 256
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --guidance_rescale φ (Lin et al. 2024, Sec. 3.4)
+
+
+def test_rescale_rule_is_the_equation():
+    """Eq. 15: x_rescaled = x_cfg · σ(x_pos)/σ(x_cfg), σ per sample over all other dimensions; Eq. 16:
+    φ · x_rescaled + (1 − φ) · x_cfg. Checked in float64 numpy, and against diffusers' `rescale_noise_cfg`."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
+
+    generator = torch.Generator().manual_seed(0)
+    guided = torch.randn(3, 4, 6, 5, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.5]).view(
+        -1, 1, 1, 1).double()
+    reference = torch.randn(3, 4, 6, 5, generator=generator, dtype=torch.float64) + 0.3
+    g, r = guided.numpy(), reference.numpy()
+    for phi in (0.0, 0.3, 0.7, 1.0):
+        sigma_ratio = r.reshape(3, -1).std(axis=1, ddof=1) / g.reshape(3, -1).std(axis=1, ddof=1)
+        expected = phi * g * sigma_ratio.reshape(-1, 1, 1, 1) + (1 - phi) * g
+        got = rescale_guidance(guided, reference, phi)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got.numpy(), rescale_noise_cfg(guided, reference, phi).numpy(), rtol=1e-12)
+    full = rescale_guidance(guided, reference, 1.0)  # φ = 1: each sample has the reference's std
+    np.testing.assert_allclose(full.flatten(1).std(dim=1).numpy(), reference.flatten(1).std(dim=1).numpy())
+    assert rescale_guidance(guided, reference, 0.0) is guided
+
+
+@pytest.mark.parametrize("method", ["cfg", "ag", "wig", "none"])
+def test_every_rule_is_rescaled_against_the_fine_conditional_output(method):
+    """`combine` = the rule's own equation, then φ against FINE_COND (for AG and WIG the fine model's conditional
+    branch, not a weak or interpolated one)."""
+    generator = torch.Generator().manual_seed(1)
+    out = {branch: torch.randn(2, 4, 3, 3, generator=generator) * (i + 1)
+           for i, branch in enumerate((FINE_UNCOND, FINE_COND, WEAK_UNCOND, WEAK_COND, INTERP_UNCOND))}
+    plain = make_guidance(method, 4.0, cfg_scale=3.0, omega=0.4)
+    rescaled = make_guidance(method, 4.0, cfg_scale=3.0, omega=0.4, guidance_rescale=0.6)
+    assert rescaled.guidance_rescale == 0.6 and plain.guidance_rescale == 0.0
+    expected = rescale_guidance(plain.combine(out), out[FINE_COND], 0.6)
+    assert torch.equal(rescaled.combine(out), expected)
+    if method != "none":  # `none` is the conditional output itself: the rescale leaves it (up to rounding)
+        assert not torch.allclose(rescaled.combine(out), plain.combine(out), atol=1e-3)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        make_guidance(method, 4.0, guidance_rescale=1.5)
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_cfg_with_guidance_rescale_reproduces_the_sdxl_pipeline(with_lora, sdxl, sdxl_lora):
+    lora = sdxl_lora if with_lora else None
+    ours = sdxl_sampler(sdxl, lora, "cfg", guidance_scale=9.0, guidance_rescale=0.7).generate(PROMPTS, None, 2, seed=7)
+    plain = pixels(sdxl_sampler(sdxl, lora, "cfg", guidance_scale=9.0).generate(PROMPTS, None, 2, seed=7))
+    assert np.abs(pixels(ours) - plain).max() > 4 / 255  # φ does change these images
+    for index, prompt in enumerate(PROMPTS):
+        expected = sdxl_pipeline_images(sdxl, lora, prompt, 2, 7, guidance_scale=9.0, guidance_rescale=0.7)
+        assert np.abs(pixels([g for g in ours if g.prompt_index == index]) - expected).max() <= 1 / 255
+
+
+def test_cfg_with_guidance_rescale_reproduces_the_sd_pipeline(sd15, sd15_lora):
+    """Every family: SD's pipeline has the same `guidance_rescale`."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    family = load_family(str(sd15))
+    guidance = make_guidance("cfg", 9.0, guidance_rescale=0.7)
+    adapters = load_guidance_adapters(family, str(sd15_lora), None, guidance)
+    settings = SamplerSettings(STEPS, 32, 32, "ddim", batch_size=2, progress=False)
+    ours = GuidedSampler(family, guidance, settings, adapters).generate(PROMPTS[:1], None, 2, seed=3)
+    pipe = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(sd15_lora)
+    expected = pipe(PROMPTS[0], num_images_per_prompt=2, guidance_scale=9.0, guidance_rescale=0.7,
+                    num_inference_steps=STEPS, generator=[torch.Generator("cpu").manual_seed(3 + i) for i in range(2)],
+                    output_type="np").images
+    assert np.abs(pixels(ours) - expected).max() <= 1 / 255
+
+
+def test_sample_command_applies_and_records_guidance_rescale(sdxl, sdxl_lora, tmp_path, run_cli):
+    images, records = {}, {}
+    for phi in ("0", "0.7"):
+        out = tmp_path / f"phi-{phi}"
+        result = run_cli("sample", "--pretrained_model_name_or_path", sdxl, "--lora_dir", sdxl_lora, "--method", "wig",
+                         "--omega", "0.3", "--guidance_scale", "9", "--guidance_rescale", phi, "--prompt", "a sks dog",
+                         "--num_inference_steps", 3, "--output_dir", out)
+        assert result.code == 0, result.err
+        records[phi] = json.loads((out / "samples.json").read_text())[0]
+        images[phi] = np.asarray(Image.open(out / records[phi]["file"]), dtype=np.float64) / 255
+    assert (records["0"]["guidance_rescale"], records["0.7"]["guidance_rescale"]) == (0.0, 0.7)
+    assert np.abs(images["0"] - images["0.7"]).max() > 4 / 255
+    result = run_cli("sample", "--pretrained_model_name_or_path", sdxl, "--guidance_rescale", "1.5",
+                     "--prompt", "a sks dog", "--output_dir", tmp_path / "refused")
+    assert result.code == 2 and "--guidance_rescale" in result.err.strip().splitlines()[-1]
+
+
+def test_evaluate_keys_guidance_rescale(work, computed, monkeypatch):
+    """A changed φ is sampled again (another key), the same φ is answered by the cache, and φ = 0 is the run
+    without φ (the baseline's key). The sampled images do follow φ."""
+    sampled = []
+    original = Evaluator.sample
+
+    def sample(self, subject, setting):
+        generated = original(self, subject, setting)
+        sampled.append(np.stack([np.asarray(g.image, dtype=np.float64) for g in generated]) / 255)
+        return generated
+
+    monkeypatch.setattr(Evaluator, "sample", sample)
+    baseline_key = best_key(work)
+    run_evaluation(work, "--guidance_rescale", 0.7)
+    run_evaluation(work, "--guidance_rescale", 0.5)
+    assert len(computed) == 2 and len({baseline_key, *computed}) == 3
+    assert np.abs(sampled[0] - sampled[1]).max() > 1 / 255
+    run_evaluation(work, "--guidance_rescale", 0.7)
+    assert len(computed) == 2 and best_key(work) == computed[0]
+    run_evaluation(work, "--guidance_rescale", 0)
+    assert len(computed) == 2 and best_key(work) == baseline_key

@@ -10,7 +10,8 @@ Nothing is keyed by a name, a size or a date. The key holds
   so `--scheduler ddim` and the default DDIM share their results), the batch size (batched matrix products
   round differently: a pixel may differ by one level), the device type the images are computed on (cpu,
   cuda, ...), the negative prompt, the precision,
-  the prompt-encoding options the LoRA is sampled with, the method, λ, ω and (ag) the CFG scale s;
+  the prompt-encoding options the LoRA is sampled with, the method, λ, ω, (ag) the CFG scale s and the guidance
+  rescale φ (when not 0: the keys of runs without it are those of the code before φ, whose caches stay valid);
 * the metric models' identities (`--dino_model`, `--clip_model`), the identifier and `--keep_identifier`;
 * `scoring.SCORING_VERSION` and `sampler.SAMPLING_VERSION`, the versions of boothkit's scoring and sampling
   code, and the versions of the libraries that compute images and scores (torch, diffusers, transformers, peft).
@@ -56,6 +57,8 @@ class EvaluationKeys:
             "seed": config.seed, "images_per_prompt": config.num_images_per_prompt,
             "identifier": config.identifier, "keep_identifier": config.keep_identifier,
         }
+        if config.guidance_rescale != 0.0:  # φ = 0 samples exactly as before φ existed
+            self.run_identity["guidance_rescale"] = _number(config.guidance_rescale)
         self._subjects: dict[str, dict] = {}
 
     def subject_identity(self, subject: Subject) -> dict:

@@ -40,7 +40,7 @@ class Evaluator:
         """`--num_images_per_prompt` images of each of the subject's prompts; image i of a prompt uses seed + i."""
         config = self.config
         guidance = make_guidance(config.method, setting.guidance_scale, config.cfg_scale,
-                                 setting.omega if setting.omega is not None else 1.0)
+                                 setting.omega if setting.omega is not None else 1.0, config.guidance_rescale)
         family, adapters = self.models.family_for(subject, guidance)
         sampler = GuidedSampler(family, guidance, self.models.settings, adapters)
         return sampler.generate(list(subject.prompts), config.negative_prompt, config.num_images_per_prompt,

@@ -21,6 +21,9 @@ class SamplerOptions(CommandConfig):
     guidance_scale: float | None = Field(None, description="λ (default: the method's: for cfg and wig the family's CFG scale, "
                                                                "7.5 for SD, 4.5 for SANA; for ag 2.0).")
     cfg_scale: float = Field(7.5, description="s, the CFG scale inside CFG + AG.")
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0,
+                                    description="φ: rescale the guided output to the conditional output's std "
+                                                "(Lin et al. 2024; 0.7 there), every method; 0 = off.")
     negative_prompt: str | None = Field(None, description="Replaces the empty prompt in every rule.")
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (default: 50 for SD).")
     num_images_per_prompt: int = Field(1, ge=1, description="Images per prompt; image i uses seed + i.")

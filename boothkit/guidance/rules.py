@@ -6,7 +6,8 @@ every rule is linear in the outputs, so it applies unchanged. c is the prompt em
 LoRA, θ_ω = (1−ω)·θ_pre + ω·θ_ft, which for a LoRA is exactly the LoRA at scale ω.
 
 A `Guidance` names the branches (prompt × model) a rule needs; the sampler evaluates all of them in one
-batched forward call and hands the outputs to `combine`.
+batched forward call and hands the outputs to `combine`, which ends with the guidance rescale φ
+(`rescale_guidance`, Lin et al. 2024) of every rule's output against the fine model's conditional output.
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def weight_interpolation_guidance(interp_uncond: torch.Tensor, fine_cond: torch.
     return interp_uncond + scale * (fine_cond - interp_uncond)
 
 
+def rescale_guidance(guided: torch.Tensor, reference: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    Sec. 3.4, Eqs. 15–16): x_rescaled = x_guided · σ(x_ref) / σ(x_guided) (Eq. 15), then
+    x_final = φ · x_rescaled + (1 − φ) · x_guided (Eq. 16), with σ the standard deviation of each sample over all
+    its non-batch dimensions and x_ref the conditional output (CFG: ε(x,c); AG and WIG: ε(x,c;θ_ft)).
+
+    It counters the over-exposure of a large guidance scale. φ = 0 is no rescale: `guided` is returned as it is
+    (so is diffusers' `guidance_rescale=0.0`)."""
+    if rescale == 0.0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (reference.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1.0 - rescale) * guided
+
+
 @dataclass(frozen=True)
 class Branch:
     """One model output a rule needs: which prompt ("cond" or "uncond") through which weights."""
@@ -67,6 +83,7 @@ class Guidance:
     guidance_scale: float
     cfg_scale: float | None = None
     omega: float | None = None
+    guidance_rescale: float = 0.0  # φ of `rescale_guidance`, already applied by `combine`
 
     @property
     def needs_weak(self) -> bool:
@@ -84,24 +101,41 @@ def default_guidance_scale(method: Method, family_default: float) -> float:
     return AG_DEFAULT_SCALE if method == "ag" else family_default
 
 
-def make_guidance(method: Method, guidance_scale: float, cfg_scale: float = 7.5, omega: float = 1.0) -> Guidance:
-    """The `Guidance` for `--method`, with λ = guidance_scale, s = cfg_scale (ag) and ω = omega (wig)."""
+def make_guidance(method: Method, guidance_scale: float, cfg_scale: float = 7.5, omega: float = 1.0,
+                  guidance_rescale: float = 0.0) -> Guidance:
+    """The `Guidance` for `--method`, with λ = guidance_scale, s = cfg_scale (ag), ω = omega (wig) and the
+    rescale φ = guidance_rescale applied to its output (`rescale_guidance`, reference: the fine model's
+    conditional branch)."""
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+    settings: dict[str, float] = {}
     if method == "cfg":
-        return Guidance(method, (FINE_UNCOND, FINE_COND),
-                        lambda out: cfg(out[FINE_UNCOND], out[FINE_COND], guidance_scale), guidance_scale)
-    if method == "ag":
-        return Guidance(
-            method, (FINE_UNCOND, FINE_COND, WEAK_UNCOND, WEAK_COND),
-            lambda out: cfg_autoguidance(out[FINE_UNCOND], out[FINE_COND], out[WEAK_UNCOND], out[WEAK_COND],
-                                         cfg_scale, guidance_scale),
-            guidance_scale, cfg_scale=cfg_scale,
-        )
-    if method == "wig":
+        branches = (FINE_UNCOND, FINE_COND)
+
+        def rule(out):
+            return cfg(out[FINE_UNCOND], out[FINE_COND], guidance_scale)
+    elif method == "ag":
+        branches, settings = (FINE_UNCOND, FINE_COND, WEAK_UNCOND, WEAK_COND), {"cfg_scale": cfg_scale}
+
+        def rule(out):
+            return cfg_autoguidance(out[FINE_UNCOND], out[FINE_COND], out[WEAK_UNCOND], out[WEAK_COND],
+                                    cfg_scale, guidance_scale)
+    elif method == "wig":
         if not 0.0 <= omega <= 1.0:
             raise ValueError(f"omega must lie in [0, 1], got {omega}")
-        return Guidance(method, (INTERP_UNCOND, FINE_COND),
-                        lambda out: weight_interpolation_guidance(out[INTERP_UNCOND], out[FINE_COND], guidance_scale),
-                        guidance_scale, omega=omega)
-    if method == "none":
-        return Guidance(method, (FINE_COND,), lambda out: out[FINE_COND], guidance_scale)
-    raise ValueError(f"unknown guidance method {method!r}; choose from {', '.join(METHODS)}")
+        branches, settings = (INTERP_UNCOND, FINE_COND), {"omega": omega}
+
+        def rule(out):
+            return weight_interpolation_guidance(out[INTERP_UNCOND], out[FINE_COND], guidance_scale)
+    elif method == "none":
+        branches = (FINE_COND,)
+
+        def rule(out):
+            return out[FINE_COND]
+    else:
+        raise ValueError(f"unknown guidance method {method!r}; choose from {', '.join(METHODS)}")
+
+    def combine(out: dict[Branch, torch.Tensor]) -> torch.Tensor:
+        return rescale_guidance(rule(out), out[FINE_COND], guidance_rescale)
+
+    return Guidance(method, branches, combine, guidance_scale, guidance_rescale=guidance_rescale, **settings)
