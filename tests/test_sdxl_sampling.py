@@ -172,3 +172,43 @@ def test_evaluate_keys_guidance_rescale(work, computed, monkeypatch):
     assert len(computed) == 2 and best_key(work) == computed[0]
     run_evaluation(work, "--guidance_rescale", 0)
     assert len(computed) == 2 and best_key(work) == baseline_key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No negative prompt (None) vs the empty negative prompt ""
+
+
+def test_sdxl_negative_none_is_zeros_and_empty_string_is_encoded(sdxl):
+    """As `StableDiffusionXLPipeline.encode_prompt`: with `force_zeros_for_empty_prompt`, negative_prompt=None
+    gives zero embeddings and zero pooled embeddings; "" is encoded like any prompt."""
+    family = load_family(str(sdxl))
+    assert family.pipeline.config.force_zeros_for_empty_prompt
+    ours = family.encode_prompts([None, "", "blurry"], torch.device("cpu"), negative=True).tensors
+    for row, negative in enumerate((None, "", "blurry")):
+        _, negative_embeds, _, negative_pooled = family.pipeline.encode_prompt(
+            "a sks dog", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negative)
+        # (a batch of three rounds otherwise than a batch of one)
+        assert torch.allclose(ours["encoder_hidden_states"][row], negative_embeds[0], atol=1e-5)
+        assert torch.allclose(ours["text_embeds"][row], negative_pooled[0], atol=1e-5)
+    assert (ours["text_embeds"][0] == 0).all() and not (ours["text_embeds"][1] == 0).all()
+
+
+def test_sdxl_negative_none_and_empty_string_sample_as_the_pipeline(sdxl, sdxl_lora):
+    cfg = sdxl_sampler(sdxl, sdxl_lora, "cfg", guidance_scale=5.0)
+    images = {}
+    for negative in (None, ""):
+        images[negative] = pixels(cfg.generate(PROMPTS[:1], negative, 2, seed=4))
+        expected = sdxl_pipeline_images(sdxl, sdxl_lora, PROMPTS[0], 2, 4, guidance_scale=5.0, negative_prompt=negative)
+        assert np.abs(images[negative] - expected).max() <= 1 / 255
+    assert np.abs(images[None] - images[""]).max() > 2 / 255  # the two are told apart
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sana"])
+def test_sd_and_sana_encode_no_negative_prompt_as_the_empty_one(kind, tiny_models, sana):
+    """Their pipelines encode "" for no negative prompt: None and "" are the same conditioning."""
+    family = load_family(str(sana if kind == "sana" else tiny_models[kind]))
+    none, empty = (family.encode_prompts([negative], torch.device("cpu"), negative=True).tensors
+                   for negative in (None, ""))
+    assert none.keys() == empty.keys() and all(torch.equal(none[name], empty[name]) for name in none)
+    assert not (none["encoder_hidden_states"] == 0).all()

@@ -53,12 +53,15 @@ class SanaFamily(ModelFamily):
         return {"use_resolution_binning": False, "max_sequence_length": self.max_sequence_length,
                 "complex_human_instruction": self.complex_human_instruction}
 
-    def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:
-        """As `SanaPipeline.encode_prompt`: CHI (when on) for positive prompts only, never for the negative."""
-        self.warn_long_prompts(prompts, negative)
+    def encode_prompts(self, prompts: list[str | None], device: torch.device, negative: bool = False
+                       ) -> Conditioning:
+        """As `SanaPipeline.encode_prompt`: CHI (when on) for positive prompts only, never for the negative; no
+        negative prompt (None) is the pipeline's default negative prompt, ""."""
+        texts = ["" if prompt is None else prompt for prompt in prompts]
+        self.warn_long_prompts(texts, negative)
         instruction = None if negative else self.complex_human_instruction
         embeds, mask, _, _ = self.pipeline.encode_prompt(
-            list(prompts), do_classifier_free_guidance=False, device=device,
+            texts, do_classifier_free_guidance=False, device=device,
             max_sequence_length=self.max_sequence_length, complex_human_instruction=instruction,
         )
         return Conditioning({"encoder_hidden_states": embeds, "encoder_attention_mask": mask})

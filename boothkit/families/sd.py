@@ -49,11 +49,14 @@ class StableDiffusionFamily(ModelFamily):
         unused["complex_human_instruction"] = f"applies to SANA; {name} prompts have no complex human instruction"
         return unused
 
-    def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:
-        # SD encodes positive and negative prompts alike (padded to 77 tokens, no attention mask).
-        self.warn_long_prompts(prompts, negative)
+    def encode_prompts(self, prompts: list[str | None], device: torch.device, negative: bool = False
+                       ) -> Conditioning:
+        # SD encodes positive and negative prompts alike (padded to 77 tokens, no attention mask); no negative
+        # prompt (None) is the empty one, as `StableDiffusionPipeline` encodes `negative_prompt=None`.
+        texts = ["" if prompt is None else prompt for prompt in prompts]
+        self.warn_long_prompts(texts, negative)
         embeds, _ = self.pipeline.encode_prompt(
-            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return Conditioning({"encoder_hidden_states": embeds})
 

@@ -37,19 +37,21 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return [self.pipeline.text_encoder, self.pipeline.text_encoder_2]
 
     # Prompts ---------------------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str], device: torch.device, negative: bool = False) -> Conditioning:
+    def encode_prompts(self, prompts: list[str | None], device: torch.device, negative: bool = False
+                       ) -> Conditioning:
         """As `StableDiffusionXLPipeline.encode_prompt`. Negative prompts are tokenized and encoded as positive
-        ones there (padded to 77 tokens, the same encoders); an empty negative prompt gives zero embeddings and
-        zero pooled embeddings when the model's `force_zeros_for_empty_prompt` is set (the pipeline's
-        `negative_prompt=None`)."""
-        self.warn_long_prompts(prompts, negative)
+        ones there (padded to 77 tokens, the same encoders), the empty string "" too. `None` (no negative prompt:
+        the pipeline's `negative_prompt=None`) gives zero embeddings and zero pooled embeddings when the model's
+        `force_zeros_for_empty_prompt` is set, else the encoded "" (the pipeline zeroes only for None)."""
+        texts = ["" if prompt is None else prompt for prompt in prompts]
+        self.warn_long_prompts(texts, negative)
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            texts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
-        if negative and self.pipeline.config.force_zeros_for_empty_prompt:
-            empty = torch.tensor([prompt == "" for prompt in prompts], device=embeds.device)
-            embeds = torch.where(empty.view(-1, 1, 1), torch.zeros_like(embeds), embeds)
-            pooled = torch.where(empty.view(-1, 1), torch.zeros_like(pooled), pooled)
+        if self.pipeline.config.force_zeros_for_empty_prompt:
+            absent = torch.tensor([prompt is None for prompt in prompts], device=embeds.device)
+            embeds = torch.where(absent.view(-1, 1, 1), torch.zeros_like(embeds), embeds)
+            pooled = torch.where(absent.view(-1, 1), torch.zeros_like(pooled), pooled)
         return Conditioning({"encoder_hidden_states": embeds, "text_embeds": pooled})
 
     def warn_long_prompts(self, prompts: list[str], negative: bool = False) -> None:

@@ -24,9 +24,10 @@ from boothkit.guidance.rules import Branch, Guidance
 from boothkit.guidance.schedulers import make_scheduler
 
 
-SAMPLING_VERSION = 2
+SAMPLING_VERSION = 3
 """Version of the sampling code: bump it when a change alters the images of the same settings (evaluation
-caches are keyed on it). 2: `flow_euler` takes the model's flow shift."""
+caches are keyed on it). 2: `flow_euler` takes the model's flow shift. 3: SDXL encodes an explicit empty negative
+prompt (only no negative prompt gives the zeros of `force_zeros_for_empty_prompt`)."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,13 @@ class GuidedSampler:
                     yield GeneratedImage(prompts[p], p, i, seed + i, image)
 
     def conditioning(self, prompts: list[str], negative_prompt: str | None) -> dict[Branch, Conditioning]:
-        """Each branch's prompt embeddings (one row per prompt), through that branch's text-encoder LoRA."""
+        """Each branch's prompt embeddings (one row per prompt), through that branch's text-encoder LoRA. Without a
+        negative prompt the unconditional rows get None, which each family encodes as its pipeline encodes
+        `negative_prompt=None` (SD, SANA: the empty prompt; SDXL: zeros with `force_zeros_for_empty_prompt`);
+        an explicit "" is encoded."""
         result = {}
         for branch in self.guidance.branches:
-            texts = list(prompts) if branch.prompt == "cond" else [negative_prompt or ""] * len(prompts)
+            texts = list(prompts) if branch.prompt == "cond" else [negative_prompt] * len(prompts)
             with per_sample_scales(self.family.text_encoders, self.row_scales((branch,), len(texts))):
                 result[branch] = self.family.encode_prompts(texts, self.device, negative=branch.prompt == "uncond")
         return result
