@@ -375,31 +375,40 @@ def _crop_start(free: int, fraction: float) -> int:
     return min(int(math.floor(fraction * (free + 1))), free)
 
 
+def crop_top_left(image_size: tuple[int, int], resolution: int, center_crop: bool,
+                  crop_offset: tuple[float, float] | None = None) -> tuple[int, int]:
+    """(top, left) of the `resolution` square that `prepare_image` crops from the image once resized.
+
+    With `center_crop` the crop is centred (torchvision's rounding). Otherwise `crop_offset` = (fy, fx) in
+    [0, 1] places it: 0 = top/left, 1 = bottom/right; drawing fy, fx uniformly in [0, 1) from the caller's
+    generator makes every position equally likely, like ``RandomCrop``.
+    """
+    width, height = resized_size(image_size, resolution)
+    free_y, free_x = height - resolution, width - resolution
+    if center_crop:
+        return int(round(free_y / 2.0)), int(round(free_x / 2.0))
+    if crop_offset is None:
+        raise ValueError("crop_offset=(fy, fx) is required when center_crop is False")
+    fy, fx = crop_offset
+    if not (0.0 <= fy <= 1.0 and 0.0 <= fx <= 1.0):
+        raise ValueError(f"crop_offset values must be in [0, 1], got {crop_offset}")
+    return _crop_start(free_y, fy), _crop_start(free_x, fx)
+
+
 def prepare_image(
     image: Image.Image,
     resolution: int,
     center_crop: bool,
     crop_offset: tuple[float, float] | None = None,
 ) -> Image.Image:
-    """Resize (bilinear) so the shorter side is `resolution`, then crop a `resolution` square.
+    """Resize (bilinear) so the shorter side is `resolution`, then crop a `resolution` square at
+    `crop_top_left(image.size, resolution, center_crop, crop_offset)`.
 
     Matches diffusers' DreamBooth ``Resize(resolution, BILINEAR)`` then ``CenterCrop``/``RandomCrop``.
-    With `center_crop` the crop is centred (torchvision's rounding). Otherwise `crop_offset` =
-    (fy, fx) in [0, 1] places it: 0 = top/left, 1 = bottom/right; drawing fy, fx uniformly in
-    [0, 1) from the caller's generator makes every position equally likely, like ``RandomCrop``.
     """
+    top, left = crop_top_left(image.size, resolution, center_crop, crop_offset)
     width, height = resized_size(image.size, resolution)
     resized = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
-    free_y, free_x = height - resolution, width - resolution
-    if center_crop:
-        top, left = int(round(free_y / 2.0)), int(round(free_x / 2.0))
-    else:
-        if crop_offset is None:
-            raise ValueError("crop_offset=(fy, fx) is required when center_crop is False")
-        fy, fx = crop_offset
-        if not (0.0 <= fy <= 1.0 and 0.0 <= fx <= 1.0):
-            raise ValueError(f"crop_offset values must be in [0, 1], got {crop_offset}")
-        top, left = _crop_start(free_y, fy), _crop_start(free_x, fx)
     return resized.crop((left, top, left + resolution, top + resolution))
 
 

@@ -19,7 +19,7 @@ FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily, StableDiffusio
 PLANNED: dict[str, str] = {}
 
 __all__ = ["Conditioning", "FamilyOptions", "LatentDistribution", "ModelFamily", "FAMILIES", "load_family",
-           "family_class_for", "weights_dtype"]
+           "family_class_for", "load_vae", "weights_dtype"]
 _PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -74,15 +74,35 @@ def family_class_for(model_index: dict, source: str) -> type[ModelFamily]:
 
 
 def load_family(source: str, revision: str | None = None, variant: str | None = None,
-                torch_dtype: torch.dtype = torch.float32, options: FamilyOptions = FamilyOptions()) -> ModelFamily:
+                torch_dtype: torch.dtype = torch.float32, options: FamilyOptions = FamilyOptions(),
+                vae: str | None = None) -> ModelFamily:
     """Detect the family from `model_index.json` and load its pipeline (hub id or local path) with `options`
-    (`FamilyOptions.from_config(config)`); `family.with_options` changes them without reloading."""
+    (`FamilyOptions.from_config(config)`; `family.with_options` changes them without reloading), and with the
+    VAE `vae` (`--pretrained_vae_model_name_or_path`) instead of its own when given."""
     index = read_model_index(source, revision)
     family = family_class_for(index, source)
+    components = {"vae": load_vae(vae, torch_dtype)} if vae else {}
     if _looks_local(source):
-        _check_components(Path(source).expanduser(), index, skipped=set(family.load_kwargs()))
+        _check_components(Path(source).expanduser(), index, skipped=set(family.load_kwargs()) | set(components))
     try:
         return family.from_pretrained(source, revision=revision, variant=variant, torch_dtype=torch_dtype,
-                                      options=options)
+                                      options=options, components=components)
     except (OSError, ValueError) as error:
         raise BoothkitError(f"cannot load model '{source}': {first_line(error)}") from None
+
+
+def load_vae(source: str, torch_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An `AutoencoderKL` from a VAE's folder or hub id (its `config.json` at the top, as
+    madebyollin/sdxl-vae-fp16-fix) or from a pipeline's `vae/` folder."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(source).expanduser()
+    if _looks_local(source) and not folder.is_dir():
+        raise BoothkitError(f"VAE '{source}' not found: no such folder")
+    subfolder = "vae" if (folder / "vae" / "config.json").is_file() and not (folder / "config.json").is_file() else None
+    try:
+        vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=torch_dtype)
+    except Exception as error:  # missing files, hub errors, a config of another model class ...
+        raise BoothkitError(f"cannot load VAE '{source}': {first_line(error)}") from None
+    vae.requires_grad_(False)
+    return vae

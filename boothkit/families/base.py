@@ -151,10 +151,11 @@ class ModelFamily(ABC):
 
     @classmethod
     def from_pretrained(cls, source: str, revision: str | None = None, variant: str | None = None,
-                        torch_dtype: torch.dtype = torch.float32, options: FamilyOptions = FamilyOptions()
-                        ) -> "ModelFamily":
+                        torch_dtype: torch.dtype = torch.float32, options: FamilyOptions = FamilyOptions(),
+                        components: dict | None = None) -> "ModelFamily":
+        """Load the pipeline; `components` replace some of its modules (e.g. another VAE) without loading them."""
         pipeline = DiffusionPipeline.from_pretrained(
-            source, revision=revision, variant=variant, dtype=torch_dtype, **cls.load_kwargs()
+            source, revision=revision, variant=variant, dtype=torch_dtype, **cls.load_kwargs(), **(components or {})
         )
         pipeline.set_progress_bar_config(disable=True)
         family = cls(pipeline, source, options)
@@ -175,8 +176,14 @@ class ModelFamily(ABC):
         return self.pipeline.text_encoder
 
     @property
+    def named_text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by pipeline attribute (also the LoRA file's prefix): `--train_text_encoder` gives
+        each a LoRA."""
+        return {"text_encoder": self.pipeline.text_encoder}
+
+    @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [self.text_encoder]
+        return list(self.named_text_encoders.values())
 
     @property
     def vae_scale_factor(self) -> int:
@@ -204,6 +211,17 @@ class ModelFamily(ABC):
         (`warn_if_truncated`); for prompts given to the pipeline itself (validation images)."""
 
     default_gpu_precision: ClassVar[str | None] = None  # mixed precision when none is asked for, on a GPU
+    default_text_encoder_lr: ClassVar[float | None] = None  # --text_encoder_lr when not given (None: --learning_rate)
+
+    def warn_about_training_precision(self, precision: str) -> None:
+        """Warn about a mixed precision known to fail with this family's modules."""
+        if precision == "fp16" and self.default_gpu_precision == "bf16":
+            log.warning("fp16 is known to give NaNs with %s models; --mixed_precision bf16 is safer", self.name)
+
+    def image_conditioning(self, geometries: list, resolution: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-sample conditioning the denoiser takes besides the prompt, from where each training sample came
+        from (`boothkit.train.data.ImageGeometry`): none by default; SDXL's micro-conditioning time ids."""
+        return {}
 
     def pipeline_kwargs(self) -> dict:
         """Extra arguments for calls of the family's diffusers pipeline (class images, validation)."""

@@ -15,6 +15,9 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 class TrainConfig(ModelSourceOptions):
     # Model and data.
     pretrained_model_name_or_path: str = Field(description="Hub id or local folder of a diffusers pipeline.")
+    pretrained_vae_model_name_or_path: str | None = Field(
+        None, description="A VAE to use instead of the model's (hub id or local folder), e.g. "
+                          "madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.")
     instance_data_dir: str = Field(description="Folder with the 3-6 photos of the subject.")
     instance_prompt: str = Field(description="Prompt with the identifier, e.g. 'a photo of sks dog'.")
     class_data_dir: str | None = Field(None, description="Folder of class images for prior preservation.")
@@ -53,7 +56,10 @@ class TrainConfig(ModelSourceOptions):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the denoiser.")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
         None, description="Mixed precision (fp16 needs a GPU); default: accelerate's setting, else no.")
-    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder.")
+    train_text_encoder: bool = Field(False, description="Also train a LoRA on the text encoder(s) (SDXL: both).")
+    text_encoder_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the text-encoder LoRA (default: 5e-6 for SDXL, as the diffusers "
+                                "SDXL example; --learning_rate for SD).")
     # Flow-matching families (SANA).
     weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = Field(
         "none", description="SANA: timestep density / loss weighting (SD3).")

@@ -3,7 +3,8 @@
 Position p counts training samples over the whole run (across accumulation steps, processes and batch
 rows). Its epoch's permutation, flip, crop and VAE-posterior noise are drawn from generators keyed by p,
 so resuming at any step reproduces the uninterrupted run without saving RNG state, and caching latents
-changes speed, not results.
+changes speed, not results. Each drawn sample also says where it came from (`ImageGeometry`: the photo's size
+and the crop's position), what SDXL's micro-conditioning records.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from boothkit import seeding
-from boothkit.data.images import crop_is_fixed, hflip, prepare_image, to_tensor
+from boothkit.data.images import crop_is_fixed, crop_top_left, hflip, prepare_image, resized_size, to_tensor
 from boothkit.families.base import LatentDistribution, ModelFamily
 
 ENCODE_BATCH = 8
@@ -27,6 +28,17 @@ class ImageOptions:
     center_crop: bool
     random_flip: bool
     cache_latents: bool
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """Where a training sample came from, as SDXL's micro-conditioning records it (Podell et al. 2023, Sec. 2.2;
+    `add_time_ids` of the diffusers SDXL DreamBooth example): the photo's (height, width) before resizing, and
+    the (top, left) of the crop in the resized image — in the mirrored image when the sample is flipped, as the
+    diffusers example, which flips before it crops, records it."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
 
 
 class LatentBank:
@@ -69,18 +81,28 @@ class LatentBank:
             bar.update(len(chunk))
         bar.close()
 
+    def geometry(self, index: int, flip: bool, crop_offset: tuple[float, float] | None) -> ImageGeometry:
+        """The `ImageGeometry` of image `index` cropped at `crop_offset` (any offset when the crop is fixed)."""
+        image, resolution = self.images[index], self.options.resolution
+        offset = crop_offset if crop_offset is not None else (0.5, 0.5)
+        top, left = crop_top_left(image.size, resolution, self.options.center_crop, offset)
+        if flip:  # the crop seen in the mirrored image: it starts where the original crop ends
+            left = resized_size(image.size, resolution)[0] - left - resolution
+        return ImageGeometry((image.height, image.width), (top, left))
+
     @torch.no_grad()
-    def draw(self, index: int, seed: int, position: int) -> torch.Tensor:
-        """Latents (1, C, h, w) of image `index` as sample `position` of the run sees it."""
+    def draw(self, index: int, seed: int, position: int) -> tuple[torch.Tensor, ImageGeometry]:
+        """Latents (1, C, h, w) of image `index` as sample `position` of the run sees it, and its geometry."""
         flip = self.options.random_flip and bool(
             torch.randint(0, 2, (1,), generator=seeding.generator(seed, "flip", self.stream, position)).item()
         )
         posterior = self.cache.get((index, flip))
+        offset = None
         if posterior is None:
             offset = tuple(torch.rand(2, generator=seeding.generator(seed, "crop", self.stream, position)).tolist())
             posterior = self.family.encode_pixels(self._pixels(index, flip, offset)[None])
         noise = torch.randn(posterior.mean.shape, generator=seeding.generator(seed, "latents", self.stream, position))
-        return posterior.sample(noise.to(posterior.mean.device))
+        return posterior.sample(noise.to(posterior.mean.device)), self.geometry(index, flip, offset)
 
 
 class SampleOrder:

@@ -32,12 +32,13 @@ def attach_lora(module: torch.nn.Module, targets: tuple[str, ...], rank: int, al
 
 
 def lora_targets(config: TrainConfig, family: ModelFamily) -> dict[str, tuple[str, ...]]:
-    """The LoRA target layers of each trained module: {denoiser name: ..., ["text_encoder": ...]}."""
+    """The LoRA target layers of each trained module: {denoiser name: ..., [each text encoder: ...]} (SDXL:
+    "text_encoder" and "text_encoder_2")."""
     targets = {family.denoiser_name: denoiser_targets(config, family)}
     if config.train_text_encoder:
         if not family.text_encoder_lora_targets:
             raise BoothkitError(f"--train_text_encoder is not supported for {family.name} models")
-        targets["text_encoder"] = family.text_encoder_lora_targets
+        targets.update({name: family.text_encoder_lora_targets for name in family.named_text_encoders})
     return targets
 
 
@@ -45,7 +46,8 @@ def attach_adapters(config: TrainConfig, family: ModelFamily, weight_dtype: torc
                     targets: dict[str, tuple[str, ...]]) -> dict:
     """Freeze the trained modules and attach their LoRAs (each initialised from its own derived seed), with
     gradient checkpointing if asked; LoRA weights train in float32 whatever the frozen weights' dtype."""
-    trainable = {name: family.denoiser if name == family.denoiser_name else family.text_encoder for name in targets}
+    modules = {family.denoiser_name: family.denoiser, **family.named_text_encoders}
+    trainable = {name: modules[name] for name in targets}
     for index, (name, module) in enumerate(trainable.items()):
         module.train()  # transformers' checkpointing layers only checkpoint in training mode (dropout is 0)
         attach_lora(module, targets[name], config.rank, config.resolved_lora_alpha,

@@ -23,6 +23,7 @@ DESCRIPTIONS = {
     "class_images": "the class images",
     "prompt_encoding": "the prompt encoding (--max_sequence_length, --complex_human_instruction)",
     "model": "the model (--pretrained_model_name_or_path)",
+    "vae": "the VAE (--pretrained_vae_model_name_or_path)",
     "seed": "the seed (--seed)",
     "resolution": "the resolution (--resolution)",
     "rank": "the LoRA rank (--rank)",
@@ -49,6 +50,8 @@ def run_identity(config: TrainConfig, instance_files: Sequence[Path], class_file
         "prompt_encoding": prompt_encoding,
         "class_images": identity.files_digest(class_files) if prior else None,
         "model": identity.model_identity(config.pretrained_model_name_or_path, config.revision, config.variant),
+        "vae": (identity.model_identity(config.pretrained_vae_model_name_or_path, config_name="config.json")
+                if config.pretrained_vae_model_name_or_path else None),
         "seed": config.seed,
         "resolution": resolution,
         "rank": config.rank,

@@ -19,7 +19,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
-from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -35,8 +34,9 @@ from boothkit.train.class_images import generate_class_images, missing_class_ind
 from boothkit.train.config import TrainConfig
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
 from boothkit.train.losses import min_snr_weights
-from boothkit.train.lora import (attach_adapters, load_trainable_state, lora_targets, prompt_encoding_settings,
-                                 save_lora, trainable_parameters, trainable_state)
+from boothkit.train.lora import (attach_adapters, lora_targets, prompt_encoding_settings, save_lora,
+                                 trainable_parameters, trainable_state)
+from boothkit.train.optim import make_optimizer, parameter_groups, restore, text_encoder_lr
 from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
 from boothkit.train.run_identity import check_same_run, run_identity
 from boothkit.train.validation import save_validation_images, validation_image_names
@@ -108,8 +108,6 @@ def _check_inputs(config: TrainConfig) -> list[tuple[Path, Image.Image]]:
     instance_files = load_image_folder(config.instance_data_dir, "instance data folder")
     family_class = family_class_for(read_model_index(config.pretrained_model_name_or_path, config.revision),
                                     config.pretrained_model_name_or_path)
-    if getattr(family_class, "training_unsupported", None):  # SDXL: sampling only, until its training lands
-        raise BoothkitError(family_class.training_unsupported)
     if config.snr_gamma is not None and not hasattr(family_class, "timestep_snr"):
         raise BoothkitError(f"--snr_gamma applies to DDPM models (SD); {family_class.name} trains with flow "
                             "matching: use --weighting_scheme")
@@ -212,11 +210,14 @@ def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
                                  config.train_batch_size)
     banks = [("instance", run.instance)] + ([("class", run.classes)] if run.classes is not None else [])
     rows = [(bank, stream, p) for stream, (_, bank) in enumerate(banks) for p in positions]
-    latents = torch.cat([bank.draw(run.order[p] % len(bank), config.seed, p) for bank, _, p in rows])
+    drawn = [bank.draw(run.order[p] % len(bank), config.seed, p) for bank, _, p in rows]
+    latents = torch.cat([latent for latent, _ in drawn])
     noise = torch.stack([torch.randn(latents.shape[1:], generator=seeding.generator(config.seed, "noise", stream, p))
                          for _, stream, p in rows]).to(latents.device)
     timestep_generators = [seeding.generator(config.seed, "timesteps", stream, p) for _, stream, p in rows]
     conditioning = Conditioning.cat([_prompt(run, name).repeat(len(positions)) for name, _ in banks])
+    conditioning.tensors.update(family.image_conditioning([geometry for _, geometry in drawn], run.resolution,
+                                                          latents.device))
     noisy, timesteps, target, weights = family.training_sample(latents, noise, timestep_generators)
     prediction = family.predict(noisy, timesteps, conditioning, denoiser=run.denoiser)
     per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1) * weights
@@ -239,12 +240,15 @@ def _prompt(run: Run, which: str) -> Conditioning:
 
 
 def _average_text_encoder_gradients(run: Run) -> None:
-    """The text encoder is not DDP-wrapped (the pipeline calls it directly): average its LoRA grads here."""
-    if run.accelerator.num_processes == 1 or "text_encoder" not in run.trainable:
+    """The text encoders are not DDP-wrapped (the pipeline calls them directly): average their LoRA grads here."""
+    if run.accelerator.num_processes == 1:
         return
-    for param in run.trainable["text_encoder"].parameters():
-        if param.requires_grad and param.grad is not None:
-            param.grad = run.accelerator.reduce(param.grad, reduction="mean")
+    for name, module in run.trainable.items():
+        if name == run.family.denoiser_name:
+            continue
+        for param in module.parameters():
+            if param.requires_grad and param.grad is not None:
+                param.grad = run.accelerator.reduce(param.grad, reduction="mean")
 
 
 # Set-up ---------------------------------------------------------------------------------------------
@@ -256,10 +260,9 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
         config = _with_the_runs_weak_step(config, resumed)
     weight_dtype = weights_dtype(accelerator.mixed_precision, accelerator.device)  # LoRA weights stay float32
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, weight_dtype,
-                         FamilyOptions.from_config(config))
+                         FamilyOptions.from_config(config), vae=config.pretrained_vae_model_name_or_path)
     family.pipeline.to(accelerator.device)
-    if accelerator.mixed_precision == "fp16" and family.default_gpu_precision == "bf16":
-        log.warning("fp16 is known to give NaNs with %s models; --mixed_precision bf16 is safer", family.name)
+    family.warn_about_training_precision(accelerator.mixed_precision)
     resolution = config.resolution or family.default_resolution
     if resolution % family.resolution_multiple:
         raise BoothkitError(f"--resolution {resolution} must be a multiple of {family.resolution_multiple} for "
@@ -287,9 +290,11 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
             text_encoder.to("cpu")
         torch.cuda.empty_cache()
     trainable = attach_adapters(config, family, weight_dtype, targets)
-    optimizer, lr_scheduler = _optimizer(config, trainable)
+    groups = parameter_groups(trainable, family.denoiser_name, config.learning_rate,
+                              text_encoder_lr(config, family.default_text_encoder_lr))
+    optimizer, lr_scheduler = make_optimizer(config, groups)
     if resumed is not None:
-        _restore(resumed, config, trainable, optimizer, lr_scheduler, accelerator)
+        restore(resumed, trainable, optimizer, lr_scheduler, accelerator)
         log.info("resuming from %s (step %d)", resume_path, resumed.step)
     denoiser, optimizer = accelerator.prepare(family.denoiser, optimizer)
     if folder is not None:
@@ -417,43 +422,11 @@ def _cached_prompts(config: TrainConfig, family: ModelFamily, device: torch.devi
     return {name: family.encode_prompts([text], device).detach() for name, text in prompts.items()}
 
 
-def _optimizer(config: TrainConfig, trainable: dict) -> tuple[torch.optim.Optimizer, object]:
-    optimizer_class, options = torch.optim.AdamW, {"fused": True}  # one kernel for all tensors (CPU and CUDA)
-    if config.use_8bit_adam:
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise BoothkitError("--use_8bit_adam needs bitsandbytes: pip install 'boothkit[bnb]'") from None
-        optimizer_class, options = bitsandbytes.optim.AdamW8bit, {}
-    optimizer = optimizer_class(
-        trainable_parameters(trainable), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, **options,
-    )
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps)
-    return optimizer, lr_scheduler
-
-
-def _restore(resumed: ckpt.Checkpoint, config: TrainConfig, trainable: dict, optimizer, lr_scheduler,
-             accelerator: Accelerator) -> None:
-    saved_optimizer = resumed.info.get("optimizer", type(optimizer).__name__)
-    if saved_optimizer != type(optimizer).__name__:
-        raise BoothkitError(f"cannot resume: the checkpoint was trained with {saved_optimizer}, this run uses "
-                            f"{type(optimizer).__name__} (keep --use_8bit_adam as it was)")
-    try:
-        load_trainable_state(trainable, resumed.trainable)
-        optimizer.load_state_dict(resumed.optimizer)
-        lr_scheduler.load_state_dict(resumed.lr_scheduler)
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise BoothkitError(f"cannot resume: {str(error).splitlines()[0]}") from None
-    if resumed.grad_scaler is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(resumed.grad_scaler)
-
-
 def _resolved(config: TrainConfig, family: ModelFamily, resolution: int, accelerator: Accelerator) -> dict:
     return {
         "family": family.name, "resolution": resolution, "lora_alpha": config.resolved_lora_alpha,
         "mixed_precision": accelerator.mixed_precision,
+        "text_encoder_lr": text_encoder_lr(config, family.default_text_encoder_lr) if config.train_text_encoder else None,
         "weak_checkpoint_step": config.resolved_weak_step,
         "prediction_type": getattr(family, "prediction_type", None),
         "device": str(accelerator.device), "num_processes": accelerator.num_processes,
