@@ -114,7 +114,7 @@ def test_negative_prompt_matches_the_pipeline(sdxl, sdxl_lora):
 def test_force_zeros_for_empty_prompt_is_honoured(force_zeros, sdxl, sdxl_lora, tmp_path):
     model = with_force_zeros(sdxl, tmp_path, force_zeros)
     family = load_family(str(model))
-    negative = family.encode_prompts(["", "blurry"], torch.device("cpu"), negative=True).tensors
+    negative = family.encode_prompts([None, "blurry"], torch.device("cpu"), negative=True).tensors
     zero_rows = [bool((negative[name][0] == 0).all()) for name in ("encoder_hidden_states", "text_embeds")]
     assert zero_rows == [force_zeros, force_zeros]
     assert not (negative["text_embeds"][1] == 0).all()  # a real negative prompt is always encoded
