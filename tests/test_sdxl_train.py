@@ -3,7 +3,9 @@ learning rate, prior preservation, another VAE, exact resume after kill -9, and 
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,12 +21,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from boothkit.data.images import resized_size, sample_subject_dir, to_tensor
+from boothkit.evaluate.score import ScoreConfig, run_score
 from boothkit.families import load_family
 from boothkit.families.sdxl import StableDiffusionXLFamily
 from boothkit.train import data as train_data
 from boothkit.train.config import TrainConfig
 from boothkit.train.data import ImageOptions, LatentBank
 from boothkit.train.trainer import train
+from test_evaluate import PROMPTS, evaluate_args, read_summary, scorers  # noqa: F401 (scorers: a fixture)
 from test_sdxl import sdxl  # noqa: F401 (the tiny SDXL: a fixture)
 from test_train import PROMPT, assert_one_line_error, read_log, train_args
 
@@ -252,3 +256,30 @@ def test_an_fp16_vae_with_force_upcast_encodes_in_float32(sdxl):
     family.encode_pixels(pixels)
     hook.remove()
     assert seen == [torch.float32] and family.vae.dtype == torch.float16
+
+
+# Evaluation -----------------------------------------------------------------------------------------------------
+
+def test_evaluate_runs_on_a_trained_sdxl_lora(sdxl, scorers, tmp_path, run_cli):
+    """The seed's evaluation layout with a LoRA boothkit trained on SDXL (both text encoders, a weak/): CFG with a
+    λ search and CFG + AG, each scored, and the scores are those `score` gives the saved images."""
+    lora = tmp_path / "loras" / "dog2"
+    assert run_cli(*train_args(sdxl, sample_subject_dir(), lora, "--resolution", 32, "--max_train_steps", 4,
+                               "--train_text_encoder", "--learning_rate", "1e-2")).code == 0
+    instance = tmp_path / "instance" / "dog2"
+    shutil.copytree(sample_subject_dir(), instance)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    layout = {"instance": instance.parent, "loras": lora.parent, "prompts": prompts, "out": tmp_path / "eval"}
+    for method in ("cfg", "ag"):
+        result = run_cli(*evaluate_args(sdxl, layout, scorers, "--method", method, "--optimize",
+                                        "--max_evaluations", 2, "--height", 32, "--width", 32))
+        assert result.code == 0, result.err
+    rows = {row["method"]: row for row in read_summary(layout["out"])}
+    assert set(rows) == {"cfg", "ag"} and all(row["subject"] == "dog2" for row in rows.values())
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(sorted((layout["out"] / "dog2" / "cfg").iterdir())[0], single)
+    scores = run_score(ScoreConfig(images=str(single), references=str(instance), prompt="a sks dog in the jungle",
+                                   dino_model=str(scorers["dino"]), clip_model=str(scorers["clip"])))
+    assert scores["DINO"] == pytest.approx(float(rows["cfg"]["DINO"]), abs=1e-5)
