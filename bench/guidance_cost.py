@@ -1,12 +1,13 @@
 """Cost of guidance: seconds per image for CFG, CFG + AG and WIG, batched vs branch by branch.
 
 Model (`--family`): the SD-1.5-shaped bench model of reduced width (`build_sd_bench`, ~35 M UNet
-parameters; DDIM) or the SANA-shaped one (`build_sana_bench`; FlowDPM-Solver), with random rank-4 fine and
-weak LoRAs (on the text encoder too where the family trains one). Each configuration samples the same images
-(same seeds); each timed run follows an untimed run of the same configuration, the order rotates every
-round, and each configuration keeps its best of `--repeats`.
+parameters; DDIM), the SDXL-shaped one (`build_sdxl_bench`, ~54 M UNet parameters, two text encoders; its own
+scheduler, Euler) or the SANA-shaped one (`build_sana_bench`; FlowDPM-Solver), with random rank-4 fine and
+weak LoRAs (on every text encoder too where the family trains them: SD's one, SDXL's two). Each configuration
+samples the same images (same seeds); each timed run follows an untimed run of the same configuration, the
+order rotates every round, and each configuration keeps its best of `--repeats`.
 
-    python bench/guidance_cost.py [--family sd|sana] [--resolution 256] [--steps 10] [--images 2] [--repeats 3]
+    python bench/guidance_cost.py [--family sd|sdxl|sana] [--resolution 256] [--steps 10] [--images 2] [--repeats 3]
 
 Targets: WIG ≤ 1.05× CFG; CFG + AG ≤ 2.1× CFG; batched ≤ branch by branch for every method.
 """
@@ -23,7 +24,8 @@ import torch
 from boothkit.families import load_family
 from boothkit.guidance.rules import make_guidance
 from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
-from boothkit.testing.tiny import build_sana_bench, build_sd_bench
+from boothkit.guidance.settings import resolve_scheduler
+from boothkit.testing.tiny import build_sana_bench, build_sd_bench, build_sdxl_bench
 from boothkit.train.lora import attach_lora, save_lora
 
 METHODS = {"cfg": {"guidance_scale": 7.5}, "ag": {"guidance_scale": 2.0, "cfg_scale": 7.5},
@@ -32,12 +34,13 @@ PROMPTS = ["a sks dog in the snow"]
 
 
 def write_random_loras(model: Path, root: Path) -> Path:
-    """Fine LoRA in root/ and weak LoRA in root/weak/, with random (non-zero) B so they change outputs."""
+    """Fine LoRA in root/ and weak LoRA in root/weak/, with random (non-zero) B so they change outputs; on the
+    denoiser and on each text encoder of a family that trains them."""
     for seed, folder in ((1, root), (2, root / "weak")):
         family = load_family(str(model))
         modules = {family.denoiser_name: family.denoiser}
         if family.text_encoder_lora_targets:
-            modules["text_encoder"] = family.text_encoder
+            modules.update(family.named_text_encoders)
         for index, (name, module) in enumerate(modules.items()):
             targets = family.denoiser_lora_targets if name == family.denoiser_name else family.text_encoder_lora_targets
             attach_lora(module, targets, rank=4, alpha=4, seed=seed * 10 + index)
@@ -53,7 +56,8 @@ def build_sampler(model: Path, lora: Path, method: str, batched: bool, args) -> 
     family = load_family(str(model))
     guidance = make_guidance(method, **METHODS[method])
     adapters = load_guidance_adapters(family, str(lora), None, guidance)
-    settings = SamplerSettings(args.steps, args.resolution, args.resolution, family.default_scheduler, batch_size=args.images,
+    scheduler = resolve_scheduler(family.default_scheduler, family)
+    settings = SamplerSettings(args.steps, args.resolution, args.resolution, scheduler, batch_size=args.images,
                                batched_branches=batched, progress=False)
     return GuidedSampler(family, guidance, settings, adapters)
 
@@ -75,7 +79,7 @@ def seconds_per_image(samplers: dict, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=("sd", "sana"), default="sd")
+    parser.add_argument("--family", choices=("sd", "sdxl", "sana"), default="sd")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=2, help="images per batch (one prompt)")
@@ -83,7 +87,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory(prefix="boothkit-guidance-bench-") as work:
-        model = {"sd": build_sd_bench, "sana": build_sana_bench}[args.family](Path(work) / "model")
+        builders = {"sd": build_sd_bench, "sdxl": build_sdxl_bench, "sana": build_sana_bench}
+        model = builders[args.family](Path(work) / "model")
         lora = write_random_loras(model, Path(work) / "lora")
         samplers = {(m, b): build_sampler(model, lora, m, b, args) for m in METHODS for b in (True, False)}
         table = seconds_per_image(samplers, args)

@@ -4,6 +4,8 @@ semantics, the model's own scheduler as the default, and the SDXL-shaped bench m
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,11 @@ from test_sdxl import sampler as sdxl_sampler
 
 from boothkit.evaluate.runner import Evaluator
 from boothkit.families import load_family
+from boothkit.guidance.config import SampleConfig
 from boothkit.guidance.rules import (FINE_COND, FINE_UNCOND, INTERP_UNCOND, WEAK_COND, WEAK_UNCOND, make_guidance,
                                      rescale_guidance)
 from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
+from boothkit.guidance.settings import family_defaults, sampler_settings
 from boothkit.testing.tiny import build_sdxl_bench
 
 
@@ -212,3 +216,55 @@ def test_sd_and_sana_encode_no_negative_prompt_as_the_empty_one(kind, tiny_model
                    for negative in (None, ""))
     assert none.keys() == empty.keys() and all(torch.equal(none[name], empty[name]) for name in none)
     assert not (none["encoder_hidden_states"] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SDXL's default scheduler: the model's own
+
+
+def with_scheduler(model: Path, folder: Path, class_name: str) -> Path:
+    """A copy of the model whose scheduler is `class_name` (model_index.json and scheduler_config.json)."""
+    copy = folder / f"scheduler-{class_name}"
+    shutil.copytree(model, copy)
+    for path, edit in ((copy / "model_index.json", lambda index: index.update(scheduler=["diffusers", class_name])),
+                       (copy / "scheduler" / "scheduler_config.json", lambda config: config.update(_class_name=class_name))):
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+    return copy
+
+
+def default_settings(model: Path, **flags):
+    config = SampleConfig(pretrained_model_name_or_path=str(model), prompt=["x"], output_dir="unused", **flags)
+    family = load_family(str(model))
+    loaded = sampler_settings(family, config)
+    assert loaded == sampler_settings(family_defaults(str(model)), config)  # read without weights: the same
+    return family, loaded
+
+
+def test_sdxl_samples_with_the_models_own_scheduler(sdxl, sdxl_lora, tmp_path):
+    model = with_scheduler(sdxl, tmp_path, "DPMSolverMultistepScheduler")
+    family, settings = default_settings(model, num_inference_steps=STEPS)
+    assert settings.scheduler == "dpm"
+    guidance = make_guidance("cfg", 5.0)
+    adapters = load_guidance_adapters(family, str(sdxl_lora), None, guidance)
+    ours = pixels(GuidedSampler(family, guidance, replace(settings, progress=False), adapters)
+                  .generate(PROMPTS[:1], None, 2, seed=6))
+    expected = sdxl_pipeline_images(model, sdxl_lora, PROMPTS[0], 2, 6, guidance_scale=5.0)  # its own scheduler
+    assert type(StableDiffusionXLPipeline.from_pretrained(model).scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert np.abs(ours - expected).max() <= 1 / 255
+    euler = pixels(sdxl_sampler(model, sdxl_lora, "cfg", guidance_scale=5.0).generate(PROMPTS[:1], None, 2, seed=6))
+    assert np.abs(ours - euler).max() > 2 / 255  # not the Euler of before
+
+
+def test_default_schedulers_of_the_families(sdxl, tiny_models, sana, tmp_path):
+    """SDXL: the model's own (Euler for the base model); SD keeps DDIM and SANA FlowDPM-Solver whatever their
+    model's scheduler; `--scheduler model` asks any family for the model's own."""
+    assert default_settings(sdxl)[1].scheduler == "euler"
+    assert default_settings(with_scheduler(sdxl, tmp_path, "UniPCMultistepScheduler"))[1].scheduler == "unipc"
+    sd_pndm = with_scheduler(tiny_models["sd15"], tmp_path, "PNDMScheduler")
+    assert default_settings(sd_pndm)[1].scheduler == "ddim"
+    assert default_settings(sd_pndm, scheduler="model")[1].scheduler == "pndm"
+    assert default_settings(sana)[1].scheduler == "flow_dpm"
+    assert default_settings(sana, scheduler="model")[1].scheduler == "dpm"  # the model's config, unchanged
+    assert default_settings(sdxl, scheduler="heun")[1].scheduler == "heun"

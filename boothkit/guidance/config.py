@@ -30,7 +30,9 @@ class SamplerOptions(CommandConfig):
     seed: int = Field(0, ge=0, lt=2**63 - 2**20, description="Seed of image 0 of every prompt.")
     height: int | None = Field(None, ge=8, description="Height (default: the model's resolution).")
     width: int | None = Field(None, ge=8, description="Width (default: the model's resolution).")
-    scheduler: str | None = Field(None, description="ddim, dpm, euler, euler_a, unipc, ... or a diffusers class name.")
+    scheduler: str | None = Field(None, description="ddim, dpm, euler, euler_a, unipc, ..., a diffusers class name, or "
+                                                    "model: the model's own (default: SD ddim, SDXL model, SANA "
+                                                    "flow_dpm).")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Weights dtype (fp16 needs a GPU).")
     batch_size: int = Field(4, ge=1, description="Images per denoising batch.")
     max_sequence_length: int = Field(300, ge=1, description="SANA: prompt tokens (as in training).")
@@ -41,10 +43,11 @@ class SamplerOptions(CommandConfig):
     @classmethod
     def _known_scheduler(cls, name: str | None) -> str | None:
         if name is not None:
-            from boothkit.guidance.schedulers import scheduler_class
+            from boothkit.guidance.schedulers import MODEL_SCHEDULER, scheduler_class
 
             try:
-                scheduler_class(name)
+                if name.lower() != MODEL_SCHEDULER:
+                    scheduler_class(name)
             except BoothkitError as error:
                 raise ValueError(str(error)) from None
         return name

@@ -1,4 +1,5 @@
-"""Scheduler names for `--scheduler`: short names of the usual diffusers schedulers, or a class name."""
+"""Scheduler names for `--scheduler`: short names of the usual diffusers schedulers, a class name, or `model`: the
+model's own scheduler class (what its pipeline samples with; SDXL's default)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,20 @@ SCHEDULERS: dict[str, str] = {
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
     "flow_dpm": "DPMSolverMultistepScheduler",  # FlowDPM-Solver: DPM-Solver++ on flow sigmas (SANA)
 }
+
+MODEL_SCHEDULER = "model"
+"""The name of the model's own scheduler class, resolved per model by `model_scheduler_name`."""
+
+
+def model_scheduler_name(class_name: str) -> str:
+    """The `--scheduler` name of the model's own scheduler class `class_name`: the first short name of that class
+    in `SCHEDULERS` (`dpm` before `flow_dpm`: a plain name, configured from the model's config unchanged, which
+    is the model's own scheduler), else the class name itself."""
+    for name, known in SCHEDULERS.items():
+        if known == class_name:
+            return name
+    scheduler_class(class_name)  # a class diffusers does not have: the usual one-line error
+    return class_name
 
 
 def scheduler_class(name: str) -> type:

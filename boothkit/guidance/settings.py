@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from boothkit.errors import BoothkitError, first_line
 from boothkit.guidance.config import SamplerOptions
 from boothkit.guidance.sampler import SamplerSettings
+from boothkit.guidance.schedulers import MODEL_SCHEDULER, model_scheduler_name
 
 
 def slug(prompt: str, limit: int = 60) -> str:
@@ -37,6 +38,18 @@ class FamilyDefaults:
     default_scheduler: str
     default_guidance_scale: float
     resolution_multiple: int
+    model_scheduler_class: str  # the class `model_index.json` names for the pipeline's scheduler
+
+
+def resolve_scheduler(name: str, family) -> str:
+    """`name` as the sampler reads it: `model` (`MODEL_SCHEDULER`) becomes the name of the model's own scheduler
+    class (`model_scheduler_name`: e.g. `euler` for SDXL base); others stay as they are. `family`: a loaded
+    `ModelFamily` (its pipeline's scheduler) or the `FamilyDefaults` read from its configs."""
+    if name.lower() != MODEL_SCHEDULER:
+        return name
+    if isinstance(family, FamilyDefaults):
+        return model_scheduler_name(family.model_scheduler_class)
+    return model_scheduler_name(type(family.pipeline.scheduler).__name__)
 
 
 def sampler_settings(family, options: SamplerOptions) -> SamplerSettings:
@@ -46,7 +59,8 @@ def sampler_settings(family, options: SamplerOptions) -> SamplerSettings:
     settings = SamplerSettings(
         num_inference_steps=options.num_inference_steps or family.default_inference_steps,
         height=options.height or resolution, width=options.width or resolution,
-        scheduler=options.scheduler or family.default_scheduler, batch_size=options.batch_size,
+        scheduler=resolve_scheduler(options.scheduler or family.default_scheduler, family),
+        batch_size=options.batch_size,
     )
     if settings.height % family.resolution_multiple or settings.width % family.resolution_multiple:
         raise BoothkitError(f"--height and --width must be multiples of {family.resolution_multiple} for "
@@ -57,12 +71,14 @@ def sampler_settings(family, options: SamplerOptions) -> SamplerSettings:
 def family_defaults(source: str, revision: str | None = None) -> FamilyDefaults:
     """The sampling defaults of the model at `source`, from its `model_index.json` (the family class) and its
     denoiser's and VAE's `config.json` (the default size: the denoiser's sample size in pixels, as
-    `ModelFamily.default_resolution`); no weights are read."""
+    `ModelFamily.default_resolution`), and the scheduler class the pipeline loads (`model_index.json`'s
+    `scheduler`); no weights are read."""
     from diffusers.configuration_utils import ConfigMixin
 
     from boothkit.families import family_class_for, read_model_index
 
-    family = family_class_for(read_model_index(source, revision), source)
+    index = read_model_index(source, revision)
+    family = family_class_for(index, source)
 
     class ComponentConfig(ConfigMixin):
         config_name = "config.json"
@@ -73,10 +89,12 @@ def family_defaults(source: str, revision: str | None = None) -> FamilyDefaults:
         # The VAE downsamples once per block but the last (SD: block_out_channels; SANA's DC-AE: encoder_...).
         blocks = vae.get("block_out_channels") or vae["encoder_block_out_channels"]
         resolution = int(denoiser["sample_size"]) * 2 ** (len(blocks) - 1)
+        scheduler_class_name = index["scheduler"][1]
     except Exception as error:  # missing or malformed component configs
         raise BoothkitError(f"cannot read the configs of model '{source}': {first_line(error)}") from None
     return FamilyDefaults(name=family.name, default_resolution=resolution,
                           default_inference_steps=family.default_inference_steps,
                           default_scheduler=family.default_scheduler,
                           default_guidance_scale=family.default_guidance_scale,
-                          resolution_multiple=family.resolution_multiple)
+                          resolution_multiple=family.resolution_multiple,
+                          model_scheduler_class=scheduler_class_name)
