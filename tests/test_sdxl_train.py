@@ -118,12 +118,13 @@ def test_each_training_sample_gets_its_own_time_ids(sdxl, odd_photos, class_phot
 # Both text encoders ---------------------------------------------------------------------------------------------
 
 def test_lora_on_both_text_encoders_loads_in_diffusers(sdxl, odd_photos, tmp_path, run_cli):
-    """Batch 2, prior preservation with generated class images, validation, both text encoders: the file holds
-    the UNet's and both text encoders' LoRA, each at its own learning rate, and the SDXL pipeline loads all of it."""
+    """Batch 2, prior preservation with generated class images, validation, both text encoders (gradient
+    checkpointing in all three modules): the file holds the UNet's and both text encoders' LoRA, each trained at
+    its own learning rate, and the SDXL pipeline loads all of it."""
     out = tmp_path / "out"
     result = run_cli(*train_args(sdxl, odd_photos, out, "--resolution", 32, "--max_train_steps", 4,
                                  "--train_batch_size", 2, "--train_text_encoder", "--learning_rate", "1e-2",
-                                 "--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_data_dir",
+                                 "--gradient_checkpointing", "--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_data_dir",
                                  tmp_path / "class", "--num_class_images", 2, "--checkpointing_steps", 2,
                                  "--validation_prompt", "a sks dog", "--num_validation_images", 1))
     assert result.code == 0, result.err
@@ -160,7 +161,8 @@ def test_text_encoder_lr_flag_and_sd_default(sd15, sdxl, instance_dir, tmp_path,
 # Resume ---------------------------------------------------------------------------------------------------------
 
 RESUME = ("--resolution", RESOLUTION, "--max_train_steps", 20, "--checkpointing_steps", 5, "--train_batch_size", 2,
-          "--random_flip", "--train_text_encoder", "--lr_scheduler", "cosine", "--no_cache_latents")
+          "--random_flip", "--train_text_encoder", "--lr_scheduler", "cosine", "--no_cache_latents",
+          "--snr_gamma", 5)
 
 
 def test_resume_after_kill_9_is_bit_identical(sdxl, odd_photos, tmp_path, run_cli):
