@@ -21,7 +21,7 @@ from boothkit.families.sdxl import StableDiffusionXLFamily
 from boothkit.guidance.rules import make_guidance
 from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
 from boothkit.guidance.schedulers import scheduler_class
-from boothkit.guidance.settings import family_defaults, sampler_settings
+from boothkit.guidance.settings import family_defaults, resolve_scheduler, sampler_settings
 from boothkit.guidance.config import SampleConfig
 from boothkit.testing.tiny import build_tiny
 
@@ -155,7 +155,8 @@ def test_family_defaults_are_the_pipelines(sdxl):
     family = load_family(str(sdxl))
     assert isinstance(family, StableDiffusionXLFamily) and family.name == "sdxl"
     assert family.text_encoders == [family.pipeline.text_encoder, family.pipeline.text_encoder_2]
-    assert scheduler_class(family.default_scheduler) is type(family.pipeline.scheduler)  # Euler
+    assert family.default_scheduler == "model"  # the model's own scheduler, as the pipeline samples with
+    assert scheduler_class(resolve_scheduler(family.default_scheduler, family)) is type(family.pipeline.scheduler)
     pipe = family.pipeline
     assert family.default_resolution == pipe.default_sample_size * pipe.vae_scale_factor == 32
     config = SampleConfig(pretrained_model_name_or_path=str(sdxl), prompt=["x"], output_dir="unused")
