@@ -6,10 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +26,7 @@ from boothkit.train.data import ImageOptions, LatentBank
 from boothkit.train.trainer import train
 from test_evaluate import PROMPTS, evaluate_args, read_summary, scorers  # noqa: F401 (scorers: a fixture)
 from test_sdxl import sdxl  # noqa: F401 (the tiny SDXL: a fixture)
-from test_train import PROMPT, assert_one_line_error, read_log, train_args
+from test_train import PROMPT, assert_one_line_error, kill_9_and_resume, read_log, train_args
 
 # Photos of several shapes, so that crops have room to move and time ids differ from photo to photo.
 SIZES = [(128, 96), (96, 128), (128, 80), (112, 128), (128, 128)]
@@ -166,25 +162,8 @@ RESUME = ("--resolution", RESOLUTION, "--max_train_steps", 20, "--checkpointing_
 
 
 def test_resume_after_kill_9_is_bit_identical(sdxl, odd_photos, tmp_path, run_cli):
-    reference = tmp_path / "reference"
-    assert run_cli(*train_args(sdxl, odd_photos, reference, *RESUME)).code == 0
-    interrupted = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "boothkit", *map(str, train_args(sdxl, odd_photos, interrupted, *RESUME))]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (interrupted / "checkpoint-5").exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert (interrupted / "checkpoint-5").is_dir(), "the run never reached its first checkpoint"
-    assert not (interrupted / "checkpoint-20").exists()
-    result = run_cli(*train_args(sdxl, odd_photos, interrupted, *RESUME, "--resume_from_checkpoint", "latest"))
-    assert result.code == 0, result.err
-    expected = load_file(reference / "pytorch_lora_weights.safetensors")
-    resumed = load_file(interrupted / "pytorch_lora_weights.safetensors")
-    assert expected.keys() == resumed.keys() and any(key.startswith("text_encoder_2.") for key in expected)
-    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
-    assert read_log(reference) == read_log(interrupted)
+    lora = kill_9_and_resume(sdxl, odd_photos, tmp_path, run_cli, RESUME, first_checkpoint=5, last_step=20)
+    assert any(key.startswith("text_encoder_2.") for key in lora)
 
 
 # Another VAE ----------------------------------------------------------------------------------------------------

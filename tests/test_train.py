@@ -143,32 +143,36 @@ RESUME_STEPS = ("--max_train_steps", 120, "--checkpointing_steps", 20, "--train_
                 "--random_flip", "--train_text_encoder", "--lr_scheduler", "cosine")
 
 
-def test_resume_after_kill_9_is_bit_identical(sd15, instance_dir, tmp_path, run_cli):
-    reference = tmp_path / "reference"
-    assert run_cli(*train_args(sd15, instance_dir, reference, *RESUME_STEPS)).code == 0
-
-    interrupted = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "boothkit", *map(str, train_args(sd15, instance_dir, interrupted, *RESUME_STEPS))]
+def kill_9_and_resume(model: Path, instance: Path, tmp_path: Path, run_cli, flags: tuple, first_checkpoint: int,
+                      last_step: int) -> dict[str, torch.Tensor]:
+    """Train uninterrupted; train again, `kill -9` the run as soon as `checkpoint-<first_checkpoint>` exists, and
+    resume it: the LoRA, the weak LoRA and the loss log equal the uninterrupted run's bit for bit. Returns the LoRA."""
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    assert run_cli(*train_args(model, instance, reference, *flags)).code == 0
+    command = [sys.executable, "-m", "boothkit", *map(str, train_args(model, instance, interrupted, *flags))]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = interrupted / f"checkpoint-{first_checkpoint}"
     deadline = time.time() + 120
-    while not (interrupted / "checkpoint-20").exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert (interrupted / "checkpoint-20").is_dir(), "the run never reached its first checkpoint"
-    assert not (interrupted / "checkpoint-120").exists()
+    assert checkpoint.is_dir(), "the run never reached its first checkpoint"
+    assert not (interrupted / f"checkpoint-{last_step}").exists()
 
-    result = run_cli(*train_args(sd15, instance_dir, interrupted, *RESUME_STEPS, "--resume_from_checkpoint", "latest"))
+    result = run_cli(*train_args(model, instance, interrupted, *flags, "--resume_from_checkpoint", "latest"))
     assert result.code == 0, result.err
-    expected = load_file(reference / "pytorch_lora_weights.safetensors")
-    resumed = load_file(interrupted / "pytorch_lora_weights.safetensors")
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        assert torch.equal(expected[key], resumed[key]), key
-    weak_expected = load_file(reference / "weak" / "pytorch_lora_weights.safetensors")
-    weak_resumed = load_file(interrupted / "weak" / "pytorch_lora_weights.safetensors")
-    assert all(torch.equal(weak_expected[key], weak_resumed[key]) for key in weak_expected)
+    for lora in ("pytorch_lora_weights.safetensors", "weak/pytorch_lora_weights.safetensors"):
+        expected, resumed = load_file(reference / lora), load_file(interrupted / lora)
+        assert expected.keys() == resumed.keys()
+        for key in expected:
+            assert torch.equal(expected[key], resumed[key]), (lora, key)
     assert read_log(reference) == read_log(interrupted)
+    return load_file(interrupted / "pytorch_lora_weights.safetensors")
+
+
+def test_resume_after_kill_9_is_bit_identical(sd15, instance_dir, tmp_path, run_cli):
+    kill_9_and_resume(sd15, instance_dir, tmp_path, run_cli, RESUME_STEPS, first_checkpoint=20, last_step=120)
 
 
 def test_checkpoints_total_limit_and_named_resume(sd15, instance_dir, tmp_path, run_cli):
