@@ -43,7 +43,8 @@ def scheduler_class(name: str) -> type:
     class_name = SCHEDULERS.get(name.lower(), name)
     cls = getattr(diffusers, class_name, None) if class_name.endswith("Scheduler") else None
     if cls is None:
-        raise BoothkitError(f"unknown scheduler '{name}'; choose from {', '.join(SCHEDULERS)} or a diffusers class name")
+        raise BoothkitError(f"unknown scheduler '{name}'; choose from {', '.join(SCHEDULERS)}, a diffusers class name "
+                           f"or {MODEL_SCHEDULER} (the model's own)")
     return cls
 
 
