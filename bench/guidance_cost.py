@@ -5,7 +5,7 @@ parameters; DDIM), the SDXL-shaped one (`build_sdxl_bench`, ~54 M UNet parameter
 scheduler, Euler) or the SANA-shaped one (`build_sana_bench`; FlowDPM-Solver), with random rank-4 fine and
 weak LoRAs (on every text encoder too where the family trains them: SD's one, SDXL's two). Each configuration
 samples the same images (same seeds); each timed run follows an untimed run of the same configuration, the
-order rotates every round, and each configuration keeps its best of `--repeats`.
+order rotates every round; ratios are taken within a round and reported as median [range] over `--repeats` rounds.
 
     python bench/guidance_cost.py [--family sd|sdxl|sana] [--resolution 256] [--steps 10] [--images 2] [--repeats 3]
 
@@ -15,6 +15,7 @@ Targets: WIG ≤ 1.05× CFG; CFG + AG ≤ 2.1× CFG; batched ≤ branch by branc
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -62,19 +63,26 @@ def build_sampler(model: Path, lora: Path, method: str, batched: bool, args) -> 
     return GuidedSampler(family, guidance, settings, adapters)
 
 
-def seconds_per_image(samplers: dict, args) -> dict:
-    """Best time of each configuration. A configuration that runs right after a heavier one is slowed by
-    the state that one left (allocator, caches): measured here, 1.3x on a 2-core machine. So every timed
-    run follows an untimed run of the same configuration, and the order rotates every round."""
+def seconds_per_image(samplers: dict, args) -> list[dict]:
+    """Seconds per image of every configuration, one dict per round. A configuration that runs right after a
+    heavier one is slowed by the state that one left (allocator, caches): measured here, 1.3x on a 2-core
+    machine. So every timed run follows an untimed run of the same configuration, and the order rotates every
+    round; ratios are taken within a round (the same machine load) and summarised over rounds."""
     keys = list(samplers)
-    best = dict.fromkeys(keys, float("inf"))
+    rounds = []
     for round_index in range(args.repeats):
+        times = {}
         for key in keys[round_index % len(keys):] + keys[:round_index % len(keys)]:
             samplers[key].generate(PROMPTS, None, args.images, seed=0)  # settle
             start = time.perf_counter()
             samplers[key].generate(PROMPTS, None, args.images, seed=0)
-            best[key] = min(best[key], time.perf_counter() - start)
-    return {key: seconds / args.images for key, seconds in best.items()}
+            times[key] = (time.perf_counter() - start) / args.images
+        rounds.append(times)
+    return rounds
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
 def main() -> None:
@@ -91,15 +99,20 @@ def main() -> None:
         model = builders[args.family](Path(work) / "model")
         lora = write_random_loras(model, Path(work) / "lora")
         samplers = {(m, b): build_sampler(model, lora, m, b, args) for m in METHODS for b in (True, False)}
-        table = seconds_per_image(samplers, args)
-    print(f"{args.family}, {args.resolution}px, {args.steps} steps, {args.images} images per batch, best of {args.repeats}")
-    print(f"{'method':<8} {'batched s/img':>14} {'branch-by-branch s/img':>23} {'batched/branch':>15} {'vs CFG':>7}")
-    cfg = table[("cfg", True)]
+        rounds = seconds_per_image(samplers, args)
+    print(f"{args.family}, {args.resolution}px, {args.steps} steps, {args.images} images per batch, {args.repeats} "
+          "rounds: medians [range]")
+    print(f"{'method':<8} {'batched s/img':>14} {'branch-by-branch s/img':>23} {'batched/branch':>18} {'vs CFG':>18}")
+    ratios = {}
     for method in METHODS:
-        batched, single = table[(method, True)], table[(method, False)]
-        print(f"{method:<8} {batched:>14.3f} {single:>23.3f} {batched / single:>15.2f} {batched / cfg:>7.2f}")
-    print(f"targets: WIG/CFG {table[('wig', True)] / cfg:.2f} (<= 1.05), AG/CFG {table[('ag', True)] / cfg:.2f} "
-          f"(<= 2.1), batched <= branch-by-branch for every method")
+        batched = statistics.median(r[(method, True)] for r in rounds)
+        single = statistics.median(r[(method, False)] for r in rounds)
+        per_branch = [r[(method, True)] / r[(method, False)] for r in rounds]
+        ratios[method] = [r[(method, True)] / r[("cfg", True)] for r in rounds]
+        print(f"{method:<8} {batched:>14.3f} {single:>23.3f} {_median_range(per_branch):>18} "
+              f"{_median_range(ratios[method]):>18}")
+    print(f"targets: WIG/CFG {statistics.median(ratios['wig']):.2f} (<= 1.05), AG/CFG "
+          f"{statistics.median(ratios['ag']):.2f} (<= 2.1), batched <= branch-by-branch for every method")
 
 
 if __name__ == "__main__":

@@ -34,13 +34,16 @@ MODEL_IDS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
     "stabilityai/stable-diffusion-2-1": "sd21",
     "stabilityai/stable-diffusion-2-1-base": "sd15",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "madebyollin/sdxl-vae-fp16-fix": "sdxl",  # a VAE: the tiny SDXL's vae/ folder serves (`load_vae`)
     "Efficient-Large-Model/Sana_1600M_1024px_diffusers": "sana",
     "Efficient-Large-Model/Sana_600M_512px_diffusers": "sana",
     "facebook/dino-vits16": "dino",
     "facebook/dinov2-small": "dinov2",
     "openai/clip-vit-base-patch32": "clip",
 }
-MODEL_FLAGS = {"--pretrained_model_name_or_path", "--pretrained_model_path", "--dino_model", "--clip_model"}
+MODEL_FLAGS = {"--pretrained_model_name_or_path", "--pretrained_model_path", "--pretrained_vae_model_name_or_path",
+               "--dino_model", "--clip_model"}
 
 # Amounts only: steps, images, evaluations. The metric models are the tiny ones (the defaults are hub ids).
 FAST_OVERRIDES = {

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import warnings
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -75,48 +76,87 @@ def activate(family: ModelFamily, names: list[str]) -> None:
     family.pipeline.set_adapters(names, adapter_weights=[1.0] * len(names))
 
 
+_LAYERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, list[LoraLayer]]]" = weakref.WeakKeyDictionary()
+
+
 def lora_layers(module: torch.nn.Module) -> list[LoraLayer]:
-    return [layer for layer in module.modules() if isinstance(layer, LoraLayer)]
+    """The LoRA layers inside `module`. Walking a UNet's thousands of modules costs milliseconds, and the sampler
+    asks every step: the list is kept until the module's adapters change (another `peft_config` object under
+    any name; the cache holds those objects, so a new one can never reuse an old one's identity)."""
+    configs = tuple(getattr(module, "peft_config", {}).items())
+    cached = _LAYERS.get(module)
+    if cached is not None and len(cached[0]) == len(configs) and all(
+            name == old_name and config is old_config for (name, config), (old_name, old_config) in zip(configs, cached[0])):
+        return cached[1]
+    layers = [layer for layer in module.modules() if isinstance(layer, LoraLayer)]
+    _LAYERS[module] = (configs, layers)
+    return layers
 
 
 @contextlib.contextmanager
 def per_sample_scales(modules: list[torch.nn.Module], scales: dict[str, torch.Tensor]) -> Iterator[None]:
     """Within the block, adapter `name`'s contribution to batch row i is multiplied by `scales[name][i]`.
 
-    Adapters whose factors are all 1 are left untouched, so a plain batch runs exactly as without hooks.
+    Adapters whose factors are all 1 are left untouched, so a plain batch runs exactly as without scaling.
     """
-    handles = []
+    scaled = {name: factors for name, factors in scales.items() if not bool((factors == 1).all())}
+    replaced = []
     try:
-        for module in modules:
-            for layer in lora_layers(module):
-                for name, factors in scales.items():
-                    if name in layer.lora_B and not bool((factors == 1).all()):
-                        _check_plain_lora(layer, name)
-                        handles.append(_scale_rows(layer.lora_B[name], factors))
+        if scaled:
+            for module in modules:
+                for layer in lora_layers(module):
+                    for name, factors in scaled.items():
+                        if name in layer.lora_B:
+                            _check_plain_lora(layer, name)
+                            replaced.append((layer, name, layer.scaling[name]))
+                            layer.scaling[name] = _row_scaling(layer, layer.scaling[name], factors)
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer, name, scaling in replaced:
+            layer.scaling[name] = scaling
+
+
+def _row_scaling(layer: LoraLayer, scaling: float, factors: torch.Tensor):
+    """What stands in for `layer.scaling[name]`: a `RowScaling` the first time, which learns the shape of the
+    layer's LoRA output; then a plain (rows, 1, ..., 1) tensor of that dtype, which peft's `* scaling` multiplies
+    without any Python in between."""
+    seen = _OUTPUTS.get(layer)
+    if seen is None:
+        return RowScaling(scaling, factors, layer)
+    ndim, dtype, device = seen
+    return (factors * scaling).to(device=device, dtype=dtype).view((factors.shape[0],) + (1,) * (ndim - 1))
 
 
 def _check_plain_lora(layer: LoraLayer, name: str) -> None:
-    if layer.use_dora.get(name, False):
-        raise BoothkitError(f"adapter '{name}' is a DoRA adapter, which per-sample scaling does not support")
+    if layer.use_dora.get(name, False) or name in getattr(layer, "lora_variant", {}):
+        raise BoothkitError(f"adapter '{name}' is a DoRA (or other variant) adapter, which per-sample scaling "
+                            "does not support")
 
 
-def _scale_rows(lora_b: torch.nn.Module, factors: torch.Tensor):
-    """B(s·h) = s·B(h) for a bias-free B: scaling B's rank-r input is far cheaper than its full-width output."""
-    if getattr(lora_b, "bias", None) is None:
-        return lora_b.register_forward_pre_hook(lambda module, inputs: (_times(inputs[0], factors), *inputs[1:]))
-    return lora_b.register_forward_hook(lambda module, inputs, output: _times(output, factors))
+_OUTPUTS: "weakref.WeakKeyDictionary[LoraLayer, tuple]" = weakref.WeakKeyDictionary()  # (ndim, dtype, device)
 
 
-def _times(tensor: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Row i of a batch-first tensor times factors[i]."""
-    if tensor.shape[0] != factors.shape[0]:
-        raise RuntimeError(f"per-sample LoRA scales for {factors.shape[0]} rows, layer saw {tensor.shape[0]}")
-    shape = (factors.shape[0],) + (1,) * (tensor.ndim - 1)
-    return tensor * factors.to(device=tensor.device, dtype=tensor.dtype).view(shape)
+class RowScaling:
+    """Stands in for a LoRA layer's float `scaling[name]` (α/r) while per-sample scales apply.
+
+    peft's LoRA layers add `lora_B(lora_A(x)) * scaling`; `tensor * RowScaling` falls to `__rmul__`, which
+    multiplies row i by factors[i]·α/r — the same one multiplication as with the float, with no forward hook on
+    any layer (hooks on every LoRA layer cost WIG ~5 % of each forward) — and records the output's shape, so
+    that later steps put a plain tensor there (`_row_scaling`).
+    """
+
+    def __init__(self, scaling: float, factors: torch.Tensor, layer: LoraLayer):
+        self.factors = factors * scaling
+        self.layer = layer
+
+    def __rmul__(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Row i of a batch-first tensor times factors[i]·scaling."""
+        rows = self.factors.shape[0]
+        if tensor.shape[0] != rows:
+            raise RuntimeError(f"per-sample LoRA scales for {rows} rows, layer saw {tensor.shape[0]}")
+        _OUTPUTS[self.layer] = (tensor.ndim, tensor.dtype, tensor.device)
+        shape = (rows,) + (1,) * (tensor.ndim - 1)
+        return tensor * self.factors.to(device=tensor.device, dtype=tensor.dtype).view(shape)
 
 
 TEXT_OPTIONS = ("max_sequence_length", "complex_human_instruction")
