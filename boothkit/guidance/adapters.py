@@ -1,7 +1,7 @@
 """LoRA adapters for guided sampling: load fine and weak LoRAs side by side, and scale them per sample.
 
-A LoRA layer computes W·x + s·B(A(x)). With a hook on every B that multiplies row i of its (rank-r) input
-by a per-sample factor, one batch can hold the fine model (fine adapter at 1), the weak model (weak adapter
+A LoRA layer computes W·x + s·B(A(x)). With s replaced, while a batch runs, by per-row factors (row i times
+its own factor·s: `per_sample_scales`), one batch can hold the fine model (fine adapter at 1), the weak model (weak adapter
 at 1), the weight interpolation θ_ω = (1−ω)·θ_pre + ω·θ_ft (fine adapter at ω: LoRA is linear in its
 scale, so this *is* the interpolated weight, not an output mix) and the base model (all at 0). No weights
 are copied and no adapter is (un)loaded inside the sampling loop.
