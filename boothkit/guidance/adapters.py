@@ -117,14 +117,14 @@ def per_sample_scales(modules: list[torch.nn.Module], scales: dict[str, torch.Te
 
 
 def _row_scaling(layer: LoraLayer, scaling: float, factors: torch.Tensor):
-    """What stands in for `layer.scaling[name]`: a `RowScaling` the first time, which learns the shape of the
-    layer's LoRA output; then a plain (rows, 1, ..., 1) tensor of that dtype, which peft's `* scaling` multiplies
-    without any Python in between."""
-    seen = _OUTPUTS.get(layer)
-    if seen is None:
+    """What stands in for `layer.scaling[name]`: a `RowScaling` the first time, which learns how many dimensions
+    the layer's LoRA output has; then a plain (rows, 1, ..., 1) tensor on the LoRA weights' device and dtype,
+    which peft's `* scaling` multiplies without any Python in between."""
+    ndim = _OUTPUT_NDIM.get(layer)
+    if ndim is None:
         return RowScaling(scaling, factors, layer)
-    ndim, dtype, device = seen
-    return (factors * scaling).to(device=device, dtype=dtype).view((factors.shape[0],) + (1,) * (ndim - 1))
+    weight = next(iter(layer.lora_B.values())).weight  # the LoRA output's device and dtype (peft casts to them)
+    return (factors * scaling).to(device=weight.device, dtype=weight.dtype).view((factors.shape[0],) + (1,) * (ndim - 1))
 
 
 def _check_plain_lora(layer: LoraLayer, name: str) -> None:
@@ -133,7 +133,7 @@ def _check_plain_lora(layer: LoraLayer, name: str) -> None:
                             "does not support")
 
 
-_OUTPUTS: "weakref.WeakKeyDictionary[LoraLayer, tuple]" = weakref.WeakKeyDictionary()  # (ndim, dtype, device)
+_OUTPUT_NDIM: "weakref.WeakKeyDictionary[LoraLayer, int]" = weakref.WeakKeyDictionary()  # of each layer's LoRA output
 
 
 class RowScaling:
@@ -154,7 +154,7 @@ class RowScaling:
         rows = self.factors.shape[0]
         if tensor.shape[0] != rows:
             raise RuntimeError(f"per-sample LoRA scales for {rows} rows, layer saw {tensor.shape[0]}")
-        _OUTPUTS[self.layer] = (tensor.ndim, tensor.dtype, tensor.device)
+        _OUTPUT_NDIM[self.layer] = tensor.ndim
         shape = (rows,) + (1,) * (tensor.ndim - 1)
         return tensor * self.factors.to(device=tensor.device, dtype=tensor.dtype).view(shape)
 
