@@ -50,7 +50,9 @@ def load_adapter(family: ModelFamily, path: str | Path, name: str, what: str) ->
     file = existing_lora_file(path, what)
     try:
         with safe_open(str(file), "pt") as handle:
-            file_keys = list(handle.keys())
+            # kohya/A1111 files hold one `.alpha` scalar per layer beside its up and down matrices: diffusers'
+            # loader folds it into the LoRA's scale, so it is no tensor of its own once loaded.
+            file_keys = [key for key in handle.keys() if not key.endswith(".alpha")]
         with warnings.catch_warnings():  # fine and weak adapters side by side are intended here
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             family.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)

@@ -1,0 +1,47 @@
+"""LoRAs from other trainers: a kohya / A1111 file (`lora_unet_…`, `lora_te_…`, `.lora_down`, `.lora_up`, `.alpha`)
+samples in boothkit exactly as diffusers' `load_lora_weights` loads it, at the strength its alpha gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from test_sample import PROMPTS, pixels, reference_pipeline, sampler
+
+_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_linear_layer.down.weight": "down",
+             ".lora_linear_layer.up.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up"}
+
+
+def write_kohya(lora_dir: Path, out: Path, alpha: float) -> Path:
+    """The LoRA in `lora_dir` in the kohya layout with `alpha` (≠ the rank): each up matrix is multiplied by
+    rank/alpha, so the file's effective weights (alpha/rank)·up·down are the original's. Written by hand from the
+    kohya naming (module path with `_` for `.`, text-encoder paths under `text_model`) for this test."""
+    tensors = {}
+    for key, value in load_file(lora_dir / "pytorch_lora_weights.safetensors").items():
+        component, rest = key.split(".", 1)
+        suffix = next(s for s in _SUFFIXES if rest.endswith(s))
+        module, direction = rest.removesuffix(suffix), _SUFFIXES[suffix]
+        if component == "text_encoder" and not module.startswith("text_model."):
+            module = "text_model." + module  # kohya's names; transformers 5 has no `text_model` level here
+        name = ("lora_unet_" if component == "unet" else "lora_te_") + module.replace(".", "_")
+        rank = value.shape[0] if direction == "down" else value.shape[1]
+        tensors[f"{name}.lora_{direction}.weight"] = value * (rank / alpha) if direction == "up" else value
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, out)
+    return out
+
+
+def test_a_kohya_lora_with_alpha_samples_as_diffusers_loads_it(sd15, sd15_lora, tmp_path):
+    kohya = write_kohya(sd15_lora, tmp_path / "kohya.safetensors", alpha=1.0)
+    assert any(key.endswith(".alpha") for key in load_file(kohya)) and any(key.startswith("lora_te_") for key in load_file(kohya))
+    ours = pixels(sampler(sd15, kohya, "cfg", guidance_scale=6.0).generate(PROMPTS[:1], None, 2, seed=3))
+    original = pixels(sampler(sd15, sd15_lora, "cfg", guidance_scale=6.0).generate(PROMPTS[:1], None, 2, seed=3))
+    pipe = reference_pipeline(sd15, None)
+    pipe.load_lora_weights(kohya)
+    expected = pipe(PROMPTS[0], num_images_per_prompt=2, guidance_scale=6.0, num_inference_steps=8,
+                    generator=[torch.Generator("cpu").manual_seed(3 + i) for i in range(2)], output_type="np").images
+    assert np.abs(ours - expected).max() <= 1 / 255
+    assert np.abs(ours - original).max() <= 1 / 255  # alpha/rank folded in: the same LoRA at the same strength
