@@ -9,28 +9,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from boothkit.formats.kohya import LoraLayerWeights, read_diffusers_lora, to_kohya
+
 from test_sample import PROMPTS, pixels, reference_pipeline, sampler
-
-_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_linear_layer.down.weight": "down",
-             ".lora_linear_layer.up.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up"}
-
 
 def write_kohya(lora_dir: Path, out: Path, alpha: float) -> Path:
     """The LoRA in `lora_dir` in the kohya layout with `alpha` (≠ the rank): each up matrix is multiplied by
-    rank/alpha, so the file's effective weights (alpha/rank)·up·down are the original's. Written by hand from the
-    kohya naming (module path with `_` for `.`, text-encoder paths under `text_model`) for this test."""
-    tensors = {}
-    for key, value in load_file(lora_dir / "pytorch_lora_weights.safetensors").items():
-        component, rest = key.split(".", 1)
-        suffix = next(s for s in _SUFFIXES if rest.endswith(s))
-        module, direction = rest.removesuffix(suffix), _SUFFIXES[suffix]
-        if component == "text_encoder" and not module.startswith("text_model."):
-            module = "text_model." + module  # kohya's names; transformers 5 has no `text_model` level here
-        name = ("lora_unet_" if component == "unet" else "lora_te_") + module.replace(".", "_")
-        rank = value.shape[0] if direction == "down" else value.shape[1]
-        tensors[f"{name}.lora_{direction}.weight"] = value * (rank / alpha) if direction == "up" else value
-        tensors[f"{name}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, out)
+    rank/alpha, so the file's effective weights (alpha/rank)·up·down are the original's."""
+    layers = {name: LoraLayerWeights(layer.down, layer.up * (layer.rank / alpha), alpha)
+              for name, layer in read_diffusers_lora(lora_dir).items()}
+    save_file(to_kohya(layers), out)
     return out
 
 
