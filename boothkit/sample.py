@@ -10,7 +10,7 @@ import torch
 
 from boothkit.errors import BoothkitError
 from boothkit.families import FamilyOptions, load_family, weights_dtype
-from boothkit.guidance.adapters import text_options
+from boothkit.guidance.adapters import existing_lora_file, text_options
 from boothkit.guidance.config import SampleConfig
 from boothkit.guidance.rules import default_guidance_scale, make_guidance
 from boothkit.guidance.sampler import GeneratedImage, GuidedSampler, SamplerSettings, load_guidance_adapters
@@ -60,17 +60,29 @@ def run_sample(config: SampleConfig) -> list[Path]:
         return write_samples(folder, images, config, guidance, settings)
 
 
+def subject_and_extras(config: SampleConfig) -> tuple[tuple[str, float] | None, list[tuple[str, float]]]:
+    """The subject LoRA (path, weight) guidance acts on and the other LoRAs, each checked to exist (one clear
+    line before the model loads)."""
+    stack = config.lora_stack()
+    for path, _ in stack:
+        existing_lora_file(path, "LoRA folder" if path == config.lora_dir else "--lora")
+    return (stack[0] if stack else None), stack[1:]
+
+
 def _load(config: SampleConfig):
     """The family on its device, the guidance rule, and the LoRA adapters it needs."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = weights_dtype(config.mixed_precision, device)
-    options = FamilyOptions.from_config(config).with_text(*text_options(config, config.lora_dir))
+    subject, extras = subject_and_extras(config)
+    subject_path, subject_weight = subject if subject else (None, 1.0)
+    options = FamilyOptions.from_config(config).with_text(*text_options(config, subject_path))
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, dtype, options)
     scale = config.guidance_scale if config.guidance_scale is not None else \
         default_guidance_scale(config.method, family.default_guidance_scale)
     guidance = make_guidance(config.method, scale, config.cfg_scale, config.omega,  # λ = 0 is a valid scale
                              config.guidance_rescale)
-    adapters = load_guidance_adapters(family, config.lora_dir, config.weak_checkpoint_path, guidance)
+    adapters = load_guidance_adapters(family, subject_path, config.weak_checkpoint_path, guidance,
+                                      lora_weight=subject_weight, extras=extras)
     family.pipeline.to(device)
     return family, guidance, adapters
 
@@ -79,7 +91,8 @@ def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config
                   settings: SamplerSettings) -> list[Path]:
     """`NNNN_<prompt-slug>.png` for each image as soon as it is made, and `samples.json` describing how each
     was made, rewritten after every image: if the run stops, the folder and samples.json still agree."""
-    weak = config.weak_checkpoint_path or (str(weak_dir(config.lora_dir)) if config.lora_dir else None)
+    loras = [{"path": path, "weight": weight} for path, weight in config.lora_stack()]  # the subject first
+    weak = config.weak_checkpoint_path or (str(weak_dir(loras[0]["path"])) if loras else None)
     records, paths = [], []
     for index, generated in enumerate(images):
         path = folder.path(image_name(index, generated.prompt))
@@ -92,7 +105,7 @@ def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config
             "steps": settings.num_inference_steps,
             "scheduler": settings.scheduler, "height": settings.height, "width": settings.width,
             "model": config.pretrained_model_name_or_path, "lora_dir": config.lora_dir,
-            "weak_lora": weak if guidance.needs_weak else None,
+            "weak_lora": weak if guidance.needs_weak else None, "loras": loras,
         })
         write_json_atomic(folder.path(SAMPLES_NAME), records)
     return paths

@@ -5,6 +5,8 @@ Light on purpose: the CLI builds its parsers from these schemas without importin
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -53,9 +55,34 @@ class SamplerOptions(CommandConfig):
         return name
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`PATH[:WEIGHT]` of `--lora` as (path, weight); the weight is 1.0 when omitted. Paths may hold ':' themselves:
+    the text after the last ':' is a weight only when it reads as a number and the whole text is no existing
+    path. A weight may be negative (a LoRA subtracted), never NaN or infinite."""
+    head, colon, tail = spec.rpartition(":")
+    if not colon or Path(spec).expanduser().exists():
+        return spec, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        if head and Path(head).expanduser().exists():
+            raise ValueError(f"'{spec}': weight '{tail}' is not a number (PATH[:WEIGHT], e.g. {head}:0.8)") from None
+        return spec, 1.0  # a path with ':' in it; if it does not exist, loading says so
+    if not math.isfinite(weight):
+        raise ValueError(f"'{spec}': the weight must be a finite number")
+    return head, weight
+
+
 class SampleConfig(ModelSourceOptions, SamplerOptions):
     pretrained_model_name_or_path: str = Field(description="Hub id or local folder of the base pipeline.")
-    lora_dir: str | None = Field(None, description="Fine LoRA folder (its weak/ serves --method ag).")
+    lora_dir: str | None = Field(None, description="Fine LoRA folder: the subject LoRA guidance acts on (its weak/ "
+                                                   "serves --method ag).")
+    lora: list[str] = Field(default_factory=list, description="PATH[:WEIGHT]: a LoRA folder or file at WEIGHT "
+                                                              "(default 1.0; may be negative). The subject LoRA is "
+                                                              "LORA_DIR, else the first --lora; the others (a style) "
+                                                              "stay at their weight in every branch.",
+                            json_schema_extra={"repeatable": True})
+    lora_scale: float = Field(1.0, description="Weight of the subject LoRA (LORA_DIR, else the first --lora).")
     weak_checkpoint_path: str | None = Field(None, description="Weak LoRA folder or file (overrides LORA_DIR/weak).")
     method: Literal[METHODS] = Field("cfg", description="Guidance: cfg, ag (CFG + AutoGuidance), wig, none.")
     prompt: list[str] = Field(default_factory=list, description="Prompt (repeatable).",
@@ -65,8 +92,31 @@ class SampleConfig(ModelSourceOptions, SamplerOptions):
     output_dir: str = Field(description="Where images and samples.json are written.")
     overwrite: bool = Field(False, description="Allow a non-empty output_dir.")
 
+    @field_validator("lora")
+    @classmethod
+    def _valid_loras(cls, specs: list[str]) -> list[str]:
+        for spec in specs:
+            parse_lora(spec)
+        return specs
+
     @model_validator(mode="after")
     def _check(self) -> "SampleConfig":
         if not self.prompt and not self.prompts_file:
             raise ValueError("give at least one --prompt or a --prompts_file")
+        if "lora_scale" in self.model_fields_set:
+            if self.lora_dir is None and not self.lora:
+                raise ValueError("--lora_scale weights the subject LoRA: pass --lora_dir or --lora")
+            if self.lora_dir is None and parse_lora(self.lora[0]) != (self.lora[0], 1.0):
+                raise ValueError(f"--lora_scale and the weight of --lora '{self.lora[0]}' both weight the subject "
+                                 "LoRA: give one of them")
         return self
+
+    def lora_stack(self) -> list[tuple[str, float]]:
+        """(path, weight) of every LoRA, the subject first (LORA_DIR at --lora_scale, else the first --lora, whose
+        weight is its own or --lora_scale), then the other --lora's. Empty without LoRA."""
+        stack = [parse_lora(spec) for spec in self.lora]
+        if self.lora_dir is not None:
+            stack.insert(0, (self.lora_dir, self.lora_scale))
+        elif stack and "lora_scale" in self.model_fields_set:
+            stack[0] = (stack[0][0], self.lora_scale)
+        return stack

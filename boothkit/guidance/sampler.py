@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -19,10 +19,13 @@ from tqdm.auto import tqdm
 from boothkit import layout
 from boothkit.errors import BoothkitError
 from boothkit.families.base import Conditioning, ModelFamily
-from boothkit.guidance.adapters import FINE, WEAK, activate, existing_lora_file, load_adapter, model_scales, per_sample_scales
+from boothkit.guidance.adapters import FINE, WEAK, existing_lora_file, load_adapter, model_scales, per_sample_scales
 from boothkit.guidance.rules import Branch, Guidance
 from boothkit.guidance.schedulers import make_scheduler
 
+
+EXTRA = "extra_"
+"""Adapter names of the LoRAs beside the subject's: `extra_0`, `extra_1`, ... (never FINE or WEAK)."""
 
 SAMPLING_VERSION = 3
 """Version of the sampling code: bump it when a change alters the images of the same settings (evaluation
@@ -50,12 +53,15 @@ class GeneratedImage:
     image: Image.Image
 
 
-def load_guidance_adapters(family: ModelFamily, lora_dir: str | None, weak_dir: str | None,
-                           guidance: Guidance) -> list[str]:
-    """Load the fine LoRA (and the weak one when the rule needs it) as resident, active adapters."""
+def load_guidance_adapters(family: ModelFamily, lora_dir: str | None, weak_dir: str | None, guidance: Guidance,
+                           lora_weight: float = 1.0, extras: Sequence[tuple[str, float]] = ()) -> list[str]:
+    """Load the fine (subject) LoRA, the weak one when the rule needs it, and the `extras` (path, weight) as
+    resident, active adapters. Guidance acts on the subject only: fine and weak are active at `lora_weight`, and
+    the sampler's per-row factors (fine at 1, ω or 0; weak at 1 or 0) multiply that weight, as peft keeps
+    weight·α/r in each layer's scaling. The extras (`EXTRA` + index) keep their weight in every branch."""
     if lora_dir is None and guidance.method in ("ag", "wig"):
         # Without a LoRA, θ_ω = θ_ft = θ_pre: WIG would silently be CFG, and AG would have no fine model.
-        raise BoothkitError(f"--method {guidance.method} guides a personalized model: pass --lora_dir")
+        raise BoothkitError(f"--method {guidance.method} guides a personalized model: pass --lora_dir (or --lora)")
     names = []
     if lora_dir is not None:
         load_adapter(family, lora_dir, FINE, "LoRA folder")
@@ -69,8 +75,13 @@ def load_guidance_adapters(family: ModelFamily, lora_dir: str | None, weak_dir: 
                                 "or pass --weak_checkpoint_path)") from None
         load_adapter(family, weak_dir, WEAK, "weak checkpoint")
         names.append(WEAK)
+    weights = [lora_weight] * len(names)  # the weak LoRA stands in for the subject, at the subject's weight
+    for index, (path, weight) in enumerate(extras):
+        load_adapter(family, path, f"{EXTRA}{index}", "LoRA")
+        names.append(f"{EXTRA}{index}")
+        weights.append(weight)
     if names:
-        activate(family, names)
+        family.pipeline.set_adapters(names, adapter_weights=weights)  # `activate`, at these weights
     return names
 
 
@@ -122,7 +133,7 @@ class GuidedSampler:
     def row_scales(self, branches: tuple[Branch, ...], rows: int) -> dict[str, torch.Tensor]:
         """Per adapter, the LoRA scale of every row of a branch-major batch."""
         scales = {}
-        for adapter in self.adapters:
+        for adapter in (name for name in self.adapters if name in (FINE, WEAK)):  # extras: their weight everywhere
             values = [model_scales(branch.model, self.guidance.omega or 0.0).get(adapter, 0.0) for branch in branches]
             scales[adapter] = torch.tensor(values, device=self.device, dtype=self.dtype).repeat_interleave(rows)
         return scales
