@@ -10,11 +10,12 @@ $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (boothkit needs Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-# torch is installed first and pinned: an unpinned resolve would pull the CUDA wheels.
-$(STAMP): $(BIN)/python pyproject.toml
+# The tested versions: pyproject.toml declares ranges, constraints.txt pins the exact set that is tested.
+# torch is installed first (pinned by constraints.txt): an unpinned resolve would pull the CUDA wheels.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt torch
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
