@@ -115,6 +115,12 @@ def _run_score(config) -> int:
     return 0
 
 
+def _formats_command(name: str, config) -> int:
+    from boothkit.formats import commands
+
+    return getattr(commands, name)(config)
+
+
 SCHEMA_COMMANDS: tuple[SchemaCommand, ...] = (
     SchemaCommand("train", "Train a DreamBooth LoRA from a few photos.", "boothkit.train.config:TrainConfig",
                   _run_train),
@@ -124,6 +130,12 @@ SCHEMA_COMMANDS: tuple[SchemaCommand, ...] = (
                   "boothkit.evaluate.config:EvaluateConfig", _run_evaluate),
     SchemaCommand("score", "Score generated images against reference photos.", "boothkit.evaluate.score:ScoreConfig",
                   _run_score),
+    SchemaCommand("export", "Write a LoRA for A1111, Forge, ComfyUI (kohya layout) or diffusers.",
+                  "boothkit.formats.config:ExportConfig", lambda config: _formats_command("run_export", config)),
+    SchemaCommand("info", "Show a LoRA file's format, base model, rank, alpha, trigger and metadata.",
+                  "boothkit.formats.config:InfoConfig", lambda config: _formats_command("run_info", config)),
+    SchemaCommand("merge", "Merge LoRAs (A.safetensors:0.8 B.safetensors:0.6) into one, or into the base model.",
+                  "boothkit.formats.config:MergeConfig", lambda config: _formats_command("run_merge", config)),
 )
 
 

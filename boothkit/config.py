@@ -65,9 +65,15 @@ def flag_aliases(name: str, field) -> list[str]:
 
 
 def add_schema_arguments(parser: argparse.ArgumentParser, schema: type[CommandConfig]) -> None:
-    """Add one flag per schema field. Flags default to SUPPRESS so that only explicit ones override."""
+    """Add one flag per schema field. Flags default to SUPPRESS so that only explicit ones override. A field
+    with `json_schema_extra={"positional": True}` is a positional argument instead (`boothkit info FILE`)."""
     for name, field in schema.model_fields.items():
         kwargs = _argument_kwargs(field)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("positional"):
+            kwargs.pop("default", None)
+            parser.add_argument(name, metavar=name.upper(), **kwargs)
+            continue
         if kwargs.get("action") is _Switch:
             parser.add_argument(f"--{name}", f"--no_{name}", dest=name, **kwargs)
         else:

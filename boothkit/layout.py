@@ -53,6 +53,29 @@ def lora_file(path: str | os.PathLike) -> Path:
     return path if path.is_file() else path / LORA_WEIGHT_NAME
 
 
+def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """A one-file output (`export`, `merge`): a `.safetensors` path whose folder exists or can be made. An
+    existing file is replaced only when boothkit wrote it (its metadata says so) and `--overwrite` is given;
+    a file boothkit did not write is never replaced."""
+    from boothkit.formats.metadata import written_by_boothkit
+
+    target = Path(path).expanduser()
+    if target.suffix.lower() != ".safetensors":
+        raise BoothkitError(f"--output '{path}' must be a .safetensors file")
+    if target.is_dir():
+        raise BoothkitError(f"--output '{path}' is a folder; give a file name")
+    if target.exists() or target.is_symlink():
+        if not written_by_boothkit(target):
+            raise BoothkitError(f"'{path}' exists and boothkit did not write it; it is left as it is: choose "
+                                "another --output")
+        if not overwrite:
+            raise BoothkitError(f"'{path}' exists (boothkit wrote it); pass --overwrite to replace it")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise BoothkitError(f"cannot write '{path}': '{target.parent}' is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
 def weak_dir(lora_dir: str | os.PathLike) -> Path:
     """The weak (under-trained) LoRA of a training run, for autoguidance: `LORA_DIR/weak/`."""
     return Path(lora_dir) / WEAK_DIR

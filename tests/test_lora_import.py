@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from boothkit.formats.kohya import LoraLayerWeights, read_diffusers_lora, to_kohya
+from boothkit.formats.kohya import to_kohya
+from boothkit.formats.lora import LoraLayerWeights, read_lora
+from boothkit.formats.models import BaseModel
 
 from test_sample import PROMPTS, pixels, reference_pipeline, sampler
 
@@ -17,8 +19,8 @@ def write_kohya(lora_dir: Path, out: Path, alpha: float) -> Path:
     """The LoRA in `lora_dir` in the kohya layout with `alpha` (≠ the rank): each up matrix is multiplied by
     rank/alpha, so the file's effective weights (alpha/rank)·up·down are the original's."""
     layers = {name: LoraLayerWeights(layer.down, layer.up * (layer.rank / alpha), alpha)
-              for name, layer in read_diffusers_lora(lora_dir).items()}
-    save_file(to_kohya(layers), out)
+              for name, layer in read_lora(lora_dir).layers.items()}
+    save_file(to_kohya(layers, BaseModel("sd1")), out)
     return out
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from boothkit.data.images import sample_subject_dir
 from boothkit.errors import BoothkitError
 from boothkit.families import load_family
-from boothkit.formats.metadata import PROMPT_ENCODING_KEY, read_prompt_encoding, write_prompt_encoding
+from boothkit.formats.metadata import PROMPT_ENCODING_KEY, LoraDescription, read_prompt_encoding, write_prompt_encoding
 from boothkit.layout import LOCK_NAME, MANIFEST_NAME, OutputFolder
 from boothkit.testing.tiny import build_tiny
 from boothkit.train import checkpoint as ckpt
@@ -159,7 +159,7 @@ def test_save_lora_and_checkpoints_refuse_non_finite_tensors(sd15, tmp_path):
     with torch.no_grad():
         next(p for name, p in family.denoiser.named_parameters() if "lora_B" in name)[0, 0] = float("inf")
     with pytest.raises(BoothkitError, match="NaN or inf"):
-        save_lora(family, {"unet": family.denoiser}, tmp_path / "lora")
+        save_lora(family, {"unet": family.denoiser}, tmp_path / "lora", LoraDescription(family.base_model, "lora"))
     assert not (tmp_path / "lora" / LORA).exists() and not list(tmp_path.rglob(".boothkit-tmp-*"))
 
     state = ckpt.Checkpoint(step=2, trainable={"unet.a": torch.tensor([1.0, float("nan")])}, optimizer={"state": {}},

@@ -168,6 +168,14 @@ class ModelFamily(ABC):
         return getattr(self.pipeline, self.denoiser_name)
 
     @property
+    def base_model(self):
+        """This model's `boothkit.formats.models.BaseModel` (version, source, denoiser config)."""
+        from boothkit.formats.models import base_model_from_configs
+
+        prediction = self.pipeline.scheduler.config.get("prediction_type")
+        return base_model_from_configs(self.name, self.source, dict(self.denoiser.config), prediction)
+
+    @property
     def vae(self) -> torch.nn.Module:
         return self.pipeline.vae
 

@@ -46,36 +46,49 @@ def existing_lora_file(path: str | Path, what: str) -> Path:
 
 
 def load_adapter(family: ModelFamily, path: str | Path, name: str, what: str) -> None:
-    """Load a LoRA as adapter `name`, checking that every tensor of the file found its layer."""
+    """Load a LoRA in any layout boothkit reads (diffusers/PEFT, kohya/A1111 with or without `.alpha`, SANA's
+    original names) as adapter `name`, as diffusers' `load_lora_weights` loads it; a LoRA for another kind of
+    model is refused naming both, and every tensor of the file must find its layer."""
     file = existing_lora_file(path, what)
+    source, expected = _loadable(family, file, path, what)
     try:
-        with safe_open(str(file), "pt") as handle:
-            # kohya/A1111 files hold one `.alpha` scalar per layer beside its up and down matrices: diffusers'
-            # loader folds it into the LoRA's scale, so it is no tensor of its own once loaded.
-            file_keys = [key for key in handle.keys() if not key.endswith(".alpha")]
         with warnings.catch_warnings():  # fine and weak adapters side by side are intended here
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            family.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+            if isinstance(source, dict):
+                family.pipeline.load_lora_weights(source, adapter_name=name)
+            else:
+                family.pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except BoothkitError:
         raise
     except Exception as error:  # shape or key mismatches surface as several exception types
         raise BoothkitError(f"{what} '{path}' does not fit model '{family.source}': {first_line(error)}") from None
     loaded = sum(len(get_peft_model_state_dict(module, adapter_name=name)) for module in _adapted_modules(family, name))
-    if loaded == 0 or loaded < len(file_keys):
+    if loaded == 0 or loaded < expected:
         raise BoothkitError(
-            f"{what} '{path}' does not fit model '{family.source}': {loaded} of {len(file_keys)} LoRA tensors "
+            f"{what} '{path}' does not fit model '{family.source}': {loaded} of {expected} LoRA tensors "
             "matched its layers"
         )
+
+
+def _loadable(family: ModelFamily, file: Path, path: str | Path, what: str) -> tuple[Path | dict, int]:
+    """What to hand `load_lora_weights` (the file, or for layouts diffusers does not read — SANA's original
+    names — a converted state dict) and how many LoRA matrices must load. kohya/A1111 files hold one `.alpha`
+    scalar per layer beside its matrices: diffusers folds it into the scale, it is no tensor of its own."""
+    from boothkit.formats.lora import guess_base, peek_lora, peft_state_dict, read_lora
+
+    lora = peek_lora(file)
+    own, model = guess_base(lora), family.base_model
+    if own is not None and not own.same_kind(model):
+        raise BoothkitError(f"{what} '{path}' is for {own.describe()}, not for {model.describe()}")
+    if lora.layout == "kohya" and family.name == "sana":
+        state = peft_state_dict(read_lora(file, model).layers)
+        return state, len(state)
+    return file, 2 * len(lora.layers)
 
 
 def _adapted_modules(family: ModelFamily, name: str) -> list[torch.nn.Module]:
     modules = [family.denoiser, *family.text_encoders]
     return [module for module in modules if name in getattr(module, "peft_config", {})]
-
-
-def activate(family: ModelFamily, names: list[str]) -> None:
-    """Make the adapters active at scale 1: per-sample hooks then set each row's scale."""
-    family.pipeline.set_adapters(names, adapter_weights=[1.0] * len(names))
 
 
 _LAYERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, list[LoraLayer]]]" = weakref.WeakKeyDictionary()

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from boothkit.errors import BoothkitError
 from boothkit.io import atomic_path
 from boothkit.layout import CHECKPOINT_PREFIX, OutputFolder, checkpoint_name, read_manifest
-from boothkit.train.lora import check_finite
+from boothkit.formats.lora import check_finite
 
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 STATE_NAME = "state.json"

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from safetensors import safe_open
-from safetensors.torch import save_file
+from peft.tuners.lora import LoraLayer
 
 from boothkit import seeding
 from boothkit.errors import BoothkitError
 from boothkit.families.base import ModelFamily
-from boothkit.formats.metadata import encode_prompt_encoding
-from boothkit.io import atomic_path
-from boothkit.layout import LORA_WEIGHT_NAME, TMP_PREFIX, lora_file
+from boothkit.formats.lora import DIVERGED, Lora, LoraLayerWeights, canonical_name, diffusers_tensors, save_lora_file
+from boothkit.formats.metadata import LoraDescription, encode_prompt_encoding, lora_metadata, trigger_phrase
+from boothkit.layout import lora_file
 from boothkit.train.config import TrainConfig
 
 
@@ -105,11 +101,6 @@ def load_trainable_state(modules: dict[str, torch.nn.Module], state: dict[str, t
                     param.copy_(state[f"{component}.{name}"])
 
 
-def _adapter_metadata(module: torch.nn.Module) -> dict:
-    config = module.peft_config["default"].to_dict()
-    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
-
-
 def prompt_encoding_settings(family: ModelFamily) -> dict:
     """How `family` embeds prompts, for the LoRA file's metadata (`boothkit.formats.metadata`): SANA's
     `max_sequence_length` and complex human instruction as configured; otherwise the text encoder's token
@@ -121,34 +112,46 @@ def prompt_encoding_settings(family: ModelFamily) -> dict:
             "complex_human_instruction": bool(getattr(family, "complex_human_instruction", None))}
 
 
-def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse (one line) to save tensors holding NaN or ±inf: such weights only ever produce black images."""
-    bad = [name for name, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-    if bad:
-        raise BoothkitError(f"will not save {what}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[0]}); "
-                            "the training diverged (try a lower --learning_rate)")
+def lora_layers_of(modules: dict[str, torch.nn.Module]) -> dict[str, LoraLayerWeights]:
+    """The trained LoRA layers of `modules` ({component: module}), by `component.module`, in float32 on the CPU,
+    each with its alpha (peft keeps α/r per layer in `scaling`)."""
+    layers = {}
+    for component, module in modules.items():
+        for path, layer in module.named_modules():
+            if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
+                down = layer.lora_A["default"].weight.detach().to("cpu", torch.float32)
+                up = layer.lora_B["default"].weight.detach().to("cpu", torch.float32)
+                layers[canonical_name(component, path)] = LoraLayerWeights(
+                    down, up, float(layer.scaling["default"]) * down.shape[0])
+    return layers
+
+
+def training_description(config: TrainConfig, family: ModelFamily, images: int | None = None) -> LoraDescription:
+    """The metadata of a trained LoRA: trigger, base model, resolution and the training settings that made it."""
+    settings = {"instance_prompt": config.instance_prompt, "class_prompt": config.class_prompt,
+                "base_model": config.pretrained_model_name_or_path, "family": family.name, "rank": config.rank,
+                "lora_alpha": config.resolved_lora_alpha, "max_train_steps": config.max_train_steps,
+                "learning_rate": config.learning_rate, "seed": config.seed,
+                "train_text_encoder": config.train_text_encoder, "with_prior_preservation": config.with_prior_preservation,
+                "resolution": config.resolution or family.default_resolution, "instance_images": images}
+    if family.name == "sana":
+        settings.update(max_sequence_length=config.max_sequence_length,
+                        complex_human_instruction=config.complex_human_instruction)
+    title = Path(config.output_dir).expanduser().resolve().name
+    return LoraDescription(family.base_model, title, trigger_phrase(config.instance_prompt), settings["resolution"],
+                           settings, images)
 
 
 def save_lora(family: ModelFamily, modules: dict[str, torch.nn.Module], directory: str | Path,
-              prompt_encoding: dict | None = None) -> Path:
-    """Write `directory/pytorch_lora_weights.safetensors` with diffusers' keys and metadata, plus
+              description: LoraDescription, prompt_encoding: dict | None = None) -> Path:
+    """Write `directory/pytorch_lora_weights.safetensors` in the diffusers layout (PEFT keys, adapter metadata
+    peft 0.13+ reads) with `description`'s metadata (`formats.metadata.lora_metadata`) and
     `boothkit.prompt_encoding` (default: `prompt_encoding_settings(family)`), atomically and with umask
     permissions. Non-finite weights are refused before anything is written."""
-    layers = {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module)) for name, module in modules.items()}
-    layers = {name: {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
-              for name, state in layers.items()}
-    check_finite({f"{name}.{key}": value for name, state in layers.items() for key, value in state.items()},
-                 f"the LoRA in '{directory}'")
-    metadata = {name: _adapter_metadata(module) for name, module in modules.items()}
+    lora = Lora(lora_layers_of(modules))
+    tensors, file_metadata = diffusers_tensors(lora.layers)
+    file_metadata.update(lora_metadata(description, lora.most_common("rank"), lora.most_common("alpha")))
+    file_metadata.update(encode_prompt_encoding(prompt_encoding or prompt_encoding_settings(family)))
     target = lora_file(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=TMP_PREFIX) as scratch:
-        family.save_lora_weights(scratch, layers, metadata)  # diffusers' key names and metadata
-        written = Path(scratch) / LORA_WEIGHT_NAME
-        with safe_open(str(written), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-            file_metadata = dict(handle.metadata() or {})
-    file_metadata.update(encode_prompt_encoding(prompt_encoding or prompt_encoding_settings(family)))
-    with atomic_path(target) as staging:
-        save_file(tensors, str(staging), metadata=file_metadata)
-    return target
+    return save_lora_file(tensors, file_metadata, target, DIVERGED)

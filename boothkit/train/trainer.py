@@ -35,7 +35,7 @@ from boothkit.train.config import TrainConfig
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
 from boothkit.train.losses import min_snr_weights
 from boothkit.train.lora import (attach_adapters, lora_targets, prompt_encoding_settings, save_lora,
-                                 trainable_parameters, trainable_state)
+                                 trainable_parameters, trainable_state, training_description)
 from boothkit.train.optim import make_optimizer, parameter_groups, restore, text_encoder_lr
 from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
 from boothkit.train.run_identity import check_same_run, run_identity
@@ -95,7 +95,7 @@ def train(config: TrainConfig) -> TrainResult:
         loss = _train_steps(run)
         lora_path = lora_file(output_dir)
         if main:
-            save_lora(run.family, run.trainable, folder.path(LORA_WEIGHT_NAME).parent)
+            _save_lora(run, folder.path(LORA_WEIGHT_NAME).parent)
             if config.validation_prompt:
                 _validate(run, config.max_train_steps)
         accelerator.wait_for_everyone()
@@ -151,10 +151,15 @@ def _train_steps(run: Run) -> float:
     return loss
 
 
+def _save_lora(run: Run, directory: Path) -> None:
+    description = training_description(run.config, run.family, len(run.instance))
+    save_lora(run.family, run.trainable, directory, description)
+
+
 def _after_step(run: Run, step: int) -> None:
     config = run.config
     if step == config.resolved_weak_step:
-        save_lora(run.family, run.trainable, run.folder.path(WEAK_LORA).parent)
+        _save_lora(run, run.folder.path(WEAK_LORA).parent)
     if step % config.checkpointing_steps == 0 and step < config.max_train_steps:
         _save_checkpoint(run, step)
     if config.validation_prompt and step % config.validation_steps == 0 and step < config.max_train_steps:
