@@ -74,6 +74,25 @@ def diffusers_images(kind: str, model: Path, lora: Path) -> np.ndarray:
     return sd_images(model, lora)
 
 
+@pytest.fixture(scope="module")
+def sana_mixed(sana_lora, tmp_path_factory) -> Path:  # noqa: F811
+    """The SANA LoRA with the same weights under other alphas: self-attention q at alpha 2 (its up doubled), both
+    cross-attention k and v at alpha 2, the rest at 4 = the rank: per-layer alphas (`alpha_pattern`), fused
+    parts with one scale and with several."""
+    from boothkit.formats.lora import LoraLayerWeights, diffusers_tensors
+
+    layers = {}
+    for name, layer in read_lora(sana_lora).layers.items():
+        halved = name.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v"))
+        layers[name] = LoraLayerWeights(layer.down, layer.up * 2, 2.0) if halved else layer
+    tensors, metadata = diffusers_tensors(layers)
+    out = tmp_path_factory.mktemp("sana-mixed") / "mixed.safetensors"
+    with safe_open(str(sana_lora / "pytorch_lora_weights.safetensors"), "pt") as handle:
+        metadata.update({k: v for k, v in handle.metadata().items() if k.startswith(("ss_", "modelspec", "boothkit"))})
+    save_file(tensors, out, metadata=metadata)
+    return out
+
+
 @pytest.fixture
 def models_and_loras(tiny_models, sd15_lora, sd21_lora, sdxl, sdxl_trained):
     return {"sd15": (tiny_models["sd15"], sd15_lora), "sd21": (tiny_models["sd21"], sd21_lora),
@@ -124,18 +143,27 @@ def test_diffusers_export_loads_in_diffusers_and_peft_013(kind, models_and_loras
 
 
 @pytest.mark.parametrize("layout", ["kohya", "diffusers"])
-def test_export_then_import_is_exact(layout, models_and_loras, sana_lora, sana, run_cli, tmp_path):  # noqa: F811
-    cases = {"sd15": models_and_loras["sd15"], "sdxl": models_and_loras["sdxl"], "sana": (sana, sana_lora)}
+def test_export_then_import_is_exact(layout, models_and_loras, sana_lora, sana_mixed, sana, run_cli,  # noqa: F811
+                                     tmp_path):
+    cases = {"sd15": models_and_loras["sd15"], "sdxl": models_and_loras["sdxl"], "sana": (sana, sana_lora),
+             "sana_mixed_alphas": (sana, sana_mixed)}
     for kind, (model, lora) in cases.items():
         exported = export(run_cli, lora, tmp_path / f"{kind}.safetensors", "--format", layout)
         original, back = read_lora(lora).layers, read_lora(exported, base_model(str(model))).layers
         assert set(back) == set(original), kind
         for name, layer in original.items():
-            assert torch.equal(back[name].down, layer.down) and torch.equal(back[name].up, layer.up), (kind, name)
-            assert back[name].alpha == layer.alpha
+            assert torch.equal(back[name].delta(), layer.delta()), (kind, name)
+            if kind != "sana_mixed_alphas" or layout == "diffusers":  # fused parts of several scales: folded into up
+                assert torch.equal(back[name].down, layer.down) and torch.equal(back[name].up, layer.up), (kind, name)
+                assert back[name].alpha == layer.alpha
 
 
-def test_sana_kohya_export_fuses_qkv_and_samples_the_same(sana, sana_lora, run_cli, tmp_path):  # noqa: F811
+def test_sana_kohya_export_fuses_qkv_and_samples_the_same(sana, sana_lora, sana_mixed, run_cli, tmp_path):  # noqa: F811
+    from test_sana import pixels, sampler
+
+    def images(lora):
+        return pixels(sampler(sana, lora, "cfg", guidance_scale=4.5).generate(["a photo of sks dog"], None, 2, seed=1))
+
     exported = export(run_cli, sana_lora, tmp_path / "sana.safetensors")
     tensors = load_file(exported)
     assert "lora_unet_blocks_0_attn_qkv.lora_down.weight" in tensors
@@ -143,11 +171,13 @@ def test_sana_kohya_export_fuses_qkv_and_samples_the_same(sana, sana_lora, run_c
     assert not any("to_q" in key for key in tensors)
     qkv = tensors["lora_unet_blocks_0_attn_qkv.lora_up.weight"]
     assert qkv.shape[1] == 12 and float(tensors["lora_unet_blocks_0_attn_qkv.alpha"]) == 3 * 4.0  # 3 × rank 4, α = r
-    from test_sana import pixels, sampler
-
-    original = pixels(sampler(sana, sana_lora, "cfg", guidance_scale=4.5).generate(["a photo of sks dog"], None, 2, seed=1))
-    again = pixels(sampler(sana, exported, "cfg", guidance_scale=4.5).generate(["a photo of sks dog"], None, 2, seed=1))
-    assert np.abs(again - original).max() <= 1 / 255
+    original = images(sana_lora)
+    assert np.abs(images(exported) - original).max() <= 1 / 255
+    # the same weights under other alphas: the diffusers file (alpha_pattern) and its kohya export sample alike
+    mixed = export(run_cli, sana_mixed, tmp_path / "mixed.safetensors")
+    assert float(load_file(mixed)["lora_unet_blocks_0_cross_attn_kv_linear.alpha"]) == 4.0  # 2 × rank 4 at scale 0.5
+    for lora in (sana_mixed, mixed):
+        assert np.abs(images(lora) - original).max() <= 1 / 255
 
 
 def test_sdxl_kohya_files_with_and_without_alpha_sample_as_diffusers_loads_them(sdxl, sdxl_trained, run_cli, tmp_path):

@@ -39,6 +39,8 @@ def write_style_lora(model: Path, out: Path, seed: int) -> Path:
                 if "lora_B" in key:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
         layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        config = module.peft_config["default"].to_dict()  # the file records α = 2 (diffusers' adapter metadata)
+        layers[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     StableDiffusionPipeline.save_lora_weights(out, safe_serialization=True, **layers)
     return out
 
