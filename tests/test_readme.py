@@ -63,6 +63,9 @@ USER_INPUTS = {
     ("evaluate", "--evaluation_prompts_path"): "prompts per subject",
 }
 EVALUATION_PROMPTS = ["a <subject> in the snow", "a <subject> on the beach"]
+# Commands whose positional PATH[:WEIGHT] arguments are LoRAs: one the user brings (a style LoRA) is made, when
+# missing, as a copy of the first LoRA of the same command that exists (the same base model).
+LORA_ARGUMENTS = {"merge"}
 
 
 def readme_commands(text: str) -> list[list[str]]:
@@ -107,7 +110,22 @@ class Workspace:
             result.append(word)
         return result
 
+    def provide_loras(self, command: str, args: list[str]) -> None:
+        if command not in LORA_ARGUMENTS:
+            return
+        from boothkit.guidance.config import parse_lora
+        from boothkit.layout import lora_file
+
+        paths = [self.root / parse_lora(word)[0] for index, word in enumerate(args[1:], 1)
+                 if not word.startswith("--") and not args[index - 1].startswith("--")]
+        existing = [path for path in paths if path.exists()]
+        for path in paths:
+            if not path.exists() and existing:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(lora_file(existing[0]), path)
+
     def provide_inputs(self, command: str, args: list[str]) -> None:
+        self.provide_loras(command, args)
         values = {flag: args[index + 1] for index, flag in enumerate(args[:-1]) if flag.startswith("--")}
         for (input_command, flag), kind in USER_INPUTS.items():
             path = self.root / values[flag] if command == input_command and flag in values else None
