@@ -97,7 +97,8 @@ def _argument_kwargs(field) -> dict[str, Any]:
         if "bare" in extra:
             kwargs.update(nargs="?", const=extra["bare"])  # `--flag` alone means this
     elif origin in (list, tuple):
-        item_types = [t for t in typing.get_args(annotation) if t is not Ellipsis]
+        item_types = [typing.get_args(t)[0] if typing.get_origin(t) is typing.Annotated else t
+                      for t in typing.get_args(annotation) if t is not Ellipsis]  # `Annotated[str, check]`: str
         kwargs["type"] = item_types[0] if item_types else str
         fixed_length = origin is tuple and Ellipsis not in typing.get_args(annotation)
         kwargs["nargs"] = len(item_types) if fixed_length else "+"

@@ -274,3 +274,23 @@ def test_export_never_replaces_a_file_boothkit_did_not_write(sd15_lora, run_cli,
     assert_one_line_error(run_cli("export", str(sd15_lora), "--output", str(tmp_path / "x.bin")), ".safetensors")
     assert_one_line_error(run_cli("export", str(tmp_path / "missing"), "--output", str(tmp_path / "y.safetensors")),
                           "not found")
+
+
+def test_kohya_files_from_elsewhere_export_and_merge(sd15, sd15_lora, run_cli, tmp_path):
+    """A kohya file with no metadata (as another tool writes it) reads with the base model given, and its
+    diffusers export is the original LoRA; a kohya file that records its base merges without the flag."""
+    exported = export(run_cli, sd15_lora, tmp_path / "k.safetensors")
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(exported), bare)  # no metadata at all
+    result = run_cli("export", str(bare), "--format", "diffusers", "--output", str(tmp_path / "d.safetensors"))
+    assert_one_line_error(result, "kohya layout", "--pretrained_model_name_or_path")
+    back = export(run_cli, bare, tmp_path / "d.safetensors", "--format", "diffusers",
+                  "--pretrained_model_name_or_path", str(sd15))
+    original, again = read_lora(sd15_lora).layers, read_lora(back).layers
+    assert set(again) == set(original)
+    assert all(torch.equal(again[name].delta(), layer.delta()) for name, layer in original.items())
+    merged = tmp_path / "m.safetensors"
+    result = run_cli("merge", f"{exported}:0.5", f"{sd15_lora}:0.5", "--output", str(merged))
+    assert result.code == 0, result.err
+    layers = read_lora(merged).layers
+    assert all(torch.allclose(layers[name].delta(), layer.delta(), atol=1e-6) for name, layer in original.items())

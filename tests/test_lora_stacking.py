@@ -20,6 +20,7 @@ from boothkit.guidance import rules
 from boothkit.guidance.config import SampleConfig, parse_lora
 from boothkit.guidance.rules import make_guidance
 from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
+from test_sample import error_line
 
 PROMPTS = ["a photo of sks dog", "a sks dog in the snow"]
 SUBJECT, STYLE = 0.8, 0.6  # weights of the subject LoRA and of the other ("style") LoRA
@@ -139,14 +140,6 @@ def test_wig_at_omega_one_is_cfg_and_a_zero_weight_style_is_no_style(sd15, sd15_
 
 
 # The command ------------------------------------------------------------------------------------------
-
-def error_line(result) -> str:
-    assert result.code == 2, result.err
-    assert "Traceback" not in result.err
-    lines = [line for line in result.err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.err
-    return lines[0]
-
 
 def sample_args(model, out, *extra):
     return ["sample", "--pretrained_model_name_or_path", model, "--output_dir", out, "--num_inference_steps", 4,

@@ -104,7 +104,7 @@ def test_text_encoder_lora_is_saved_and_loads(sd15, instance_dir, tmp_path, run_
     assert any(key.startswith("unet.") for key in keys)
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     # B ("up") starts at zero: a trained text-encoder LoRA has moved it.
-    text_up = [key for key in keys if key.startswith("text_encoder.") and ".up." in key]
+    text_up = [key for key in keys if key.startswith("text_encoder.") and key.endswith(".lora_B.weight")]
     assert text_up and all(weights[key].abs().max() > 0 for key in text_up)
     pipe = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(out, adapter_name="subject")
@@ -404,7 +404,7 @@ def test_gradient_checkpointing_changes_memory_not_results(sd15, instance_dir, t
 def test_bf16_mixed_precision_keeps_lora_in_float32(sd15, instance_dir, tmp_path, run_cli):
     weights = trained_weights(run_cli, sd15, instance_dir, tmp_path / "bf16", "--mixed_precision", "bf16")
     assert all(value.dtype == torch.float32 for value in weights.values())
-    assert any(value.abs().max() > 0 for key, value in weights.items() if ".up." in key)
+    assert any(value.abs().max() > 0 for key, value in weights.items() if key.endswith(".lora_B.weight"))
 
 
 def test_fp16_on_cpu_is_a_clear_error(sd15, instance_dir, tmp_path, run_cli):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from boothkit.config import CommandConfig
-from boothkit.guidance.config import parse_lora
+from boothkit.guidance.config import LoraSpec, parse_lora
 
 DTYPES = ("fp32", "fp16", "bf16")
 _POSITIONAL = {"positional": True}
@@ -36,7 +36,7 @@ class InfoConfig(CommandConfig):
 
 
 class MergeConfig(BaseModelOption):
-    loras: list[str] = Field(description="LoRA files or folders, each PATH[:WEIGHT] (weight 1.0 when omitted).",
+    loras: list[LoraSpec] = Field(description="LoRA files or folders, each PATH[:WEIGHT] (weight 1.0 when omitted).",
                              json_schema_extra=_POSITIONAL)
     output: str = Field(description="The .safetensors file to write (with --into_base: the pipeline folder).")
     method: Literal["concat", "svd"] = Field(
@@ -45,13 +45,6 @@ class MergeConfig(BaseModelOption):
     into_base: bool = Field(False, description="Fuse the LoRAs into the base model and save a pipeline folder.")
     dtype: Literal[DTYPES] = Field("fp32", description="Tensor type of the file: fp16, bf16 or fp32.")
     overwrite: bool = Field(False, description="Replace --output if boothkit wrote it (never a file it did not).")
-
-    @field_validator("loras")
-    @classmethod
-    def _weights_parse(cls, specs: list[str]) -> list[str]:
-        for spec in specs:
-            parse_lora(spec)
-        return specs
 
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from boothkit.config import CommandConfig, ModelSourceOptions
 from boothkit.errors import BoothkitError
@@ -73,11 +73,19 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return head, weight
 
 
+def _valid_lora_spec(spec: str) -> str:
+    parse_lora(spec)
+    return spec
+
+
+LoraSpec = Annotated[str, AfterValidator(_valid_lora_spec)]  # `PATH[:WEIGHT]`, checked by `parse_lora`
+
+
 class SampleConfig(ModelSourceOptions, SamplerOptions):
     pretrained_model_name_or_path: str = Field(description="Hub id or local folder of the base pipeline.")
     lora_dir: str | None = Field(None, description="Fine LoRA folder: the subject LoRA guidance acts on (its weak/ "
                                                    "serves --method ag).")
-    lora: list[str] = Field(default_factory=list, description="PATH[:WEIGHT]: a LoRA folder or file at WEIGHT "
+    lora: list[LoraSpec] = Field(default_factory=list, description="PATH[:WEIGHT]: a LoRA folder or file at WEIGHT "
                                                               "(default 1.0; may be negative). The subject LoRA is "
                                                               "LORA_DIR, else the first --lora; the others (a style) "
                                                               "stay at their weight in every branch.",
@@ -91,13 +99,6 @@ class SampleConfig(ModelSourceOptions, SamplerOptions):
     omega: float = Field(0.5, ge=0.0, le=1.0, description="ω of WIG: LoRA scale of the weak (null-prompt) branch.")
     output_dir: str = Field(description="Where images and samples.json are written.")
     overwrite: bool = Field(False, description="Allow a non-empty output_dir.")
-
-    @field_validator("lora")
-    @classmethod
-    def _valid_loras(cls, specs: list[str]) -> list[str]:
-        for spec in specs:
-            parse_lora(spec)
-        return specs
 
     @model_validator(mode="after")
     def _check(self) -> "SampleConfig":
