@@ -11,11 +11,11 @@ import torch
 from boothkit.errors import BoothkitError
 from boothkit.formats import kohya, merge
 from boothkit.formats.config import ExportConfig, InfoConfig, MergeConfig
-from boothkit.formats.lora import (Lora, LoraLayerWeights, diffusers_tensors, guess_base, peek_lora, read_lora, read_tensors,
-                                   save_lora_file)
+from boothkit.formats.lora import (Lora, LoraLayerWeights, check_lora_values, diffusers_tensors, guess_base,
+                                   nonfinite_layers, peek_lora, read_lora, read_tensors, save_lora_file)
 from boothkit.formats.metadata import PROMPT_ENCODING_KEY, TRAINING_KEY, LoraDescription, lora_metadata, read_trigger
 from boothkit.formats.models import BaseModel, base_model
-from boothkit.layout import check_output_file
+from boothkit.layout import check_output_file, lora_file
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,6 +48,7 @@ def resolve_base(source: str, flag: str | None, revision: str | None) -> BaseMod
 def load_for(source: str, base: BaseModel | None) -> tuple[Lora, BaseModel]:
     """Read a LoRA and the model it is for, refusing a LoRA for another kind of model (naming both)."""
     lora = read_lora(source, base)
+    check_lora_values(lora, source)
     own = guess_base(lora)
     if base is None:
         if own is None:
@@ -56,6 +57,14 @@ def load_for(source: str, base: BaseModel | None) -> tuple[Lora, BaseModel]:
     if own is not None and not own.same_kind(base):
         raise BoothkitError(f"LoRA '{source}' is for {own.describe()}, not for {base.describe()}")
     return lora, base
+
+
+def check_not_input(target: Path, sources: list[str]) -> None:
+    """Refuse an --output that is one of the LoRAs read: replacing it would destroy the input."""
+    for source in sources:
+        file = lora_file(source)
+        if target.exists() and file.exists() and target.samefile(file):
+            raise BoothkitError(f"--output '{target}' is the LoRA '{source}' being read; choose another file")
 
 
 def describe(lora: Lora, base: BaseModel, title: str) -> LoraDescription:
@@ -93,6 +102,7 @@ def write(layers: dict[str, LoraLayerWeights], base: BaseModel, layout: str, dty
 
 def run_export(config: ExportConfig) -> int:
     target = check_output_file(config.output, overwrite=config.overwrite)
+    check_not_input(target, [config.source])
     lora, base = load_for(config.source, resolve_base(config.source, config.pretrained_model_name_or_path,
                                                        config.revision))
     description = describe(lora, base, target.stem)
@@ -114,7 +124,12 @@ def run_info(config: InfoConfig) -> int:
              f"base model: {base.describe() if base else 'unknown'}",
              f"rank: {_listing(ranks)}", f"alpha: {_listing(alphas)}",
              f"trigger: {read_trigger(metadata) or '(none recorded)'}",
-             f"tensors: {_tensor_count(file)} ({len(lora.layers)} layers)", "metadata:" if metadata else "metadata: (none)"]
+             f"tensors: {_tensor_count(file)} ({len(lora.layers)} layers)"]
+    broken = nonfinite_layers(lora)
+    if broken:
+        lines.append(f"broken: {len(broken)} layer(s) hold NaN or inf values (e.g. '{broken[0]}'); export, merge "
+                     "and sample refuse this file")
+    lines.append("metadata:" if metadata else "metadata: (none)")
     lines += [f"  {key}: {_short(value)}" for key, value in sorted(metadata.items())]
     print("\n".join(lines))
     return 0
@@ -134,6 +149,7 @@ def run_merge(config: MergeConfig) -> int:
         fuse_into_base(config, base, [(path, weight) for path, weight in weighted])
         return 0
     target = check_output_file(config.output, overwrite=config.overwrite)
+    check_not_input(target, [path for path, _ in weighted])
     inputs = [(lora.layers, weight) for lora, weight in loaded]
     if config.method == "concat":
         layers = merge.concat(inputs)

@@ -12,6 +12,7 @@ and SANA LoRAs in the original repository's names (`boothkit.formats.sana`). Wri
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,7 +94,9 @@ def read_tensors(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[
         with safe_open(str(file), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
         return file, load_file(str(file)), metadata
-    except (OSError, SafetensorError) as error:
+    except SafetensorError as error:
+        raise BoothkitError(f"cannot read LoRA file '{file}': not a valid .safetensors file ({first_line(error)})") from None
+    except OSError as error:
         raise BoothkitError(f"cannot read LoRA file '{file}': {first_line(error)}") from None
 
 
@@ -104,7 +107,11 @@ def read_lora(path: str | Path, base: BaseModel | None = None) -> Lora:
 
     file, tensors, metadata = read_tensors(path)
     if kohya.is_kohya(tensors):
-        return Lora(kohya.from_kohya(tensors, kohya_base(file, metadata, base)), metadata, "kohya", file)
+        base = kohya_base(file, metadata, base)
+        own = guess_base(Lora(kohya.raw_layers(tensors), metadata, "kohya", file))
+        if own is not None and not own.same_kind(base):  # before its names are looked up in the wrong model
+            raise BoothkitError(f"LoRA '{path}' is for {own.describe()}, not for {base.describe()}")
+        return Lora(kohya.from_kohya(tensors, base), metadata, "kohya", file)
     return Lora(_from_diffusers(file, tensors, metadata), metadata, "diffusers", file)
 
 
@@ -230,6 +237,21 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str, why: str = DIVERGE
         raise BoothkitError(f"will not save {what}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[0]}); {why}")
 
 
+def nonfinite_layers(lora: Lora) -> list[str]:
+    """The layers of `lora` whose matrices or alpha hold NaN or ±inf."""
+    return [name for name, layer in lora.layers.items() if not math.isfinite(layer.alpha)
+            or not (torch.isfinite(layer.down).all() and torch.isfinite(layer.up).all())]
+
+
+def check_lora_values(lora: Lora, source: str | Path) -> None:
+    """Refuse (one line) a LoRA with NaN or ±inf in a matrix or an alpha: it only ever produces black images, and
+    nothing made from it (an export, a merge, a fused model, samples) may hold such values."""
+    bad = nonfinite_layers(lora)
+    if bad:
+        raise BoothkitError(f"LoRA '{source}' holds NaN or inf values in {len(bad)} layer(s) (e.g. '{bad[0]}'): "
+                            "it is broken (a diverged training?); use another file")
+
+
 def save_lora_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Path,
                    why: str = "the LoRA it is made from holds them") -> Path:
     """Write a LoRA file atomically (umask permissions), refusing non-finite tensors before anything is written."""
@@ -238,6 +260,9 @@ def save_lora_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], t
     from boothkit.io import atomic_path
 
     check_finite(tensors, f"'{target}'", why)
-    with atomic_path(target) as staging:
-        save_file({key: value.contiguous() for key, value in tensors.items()}, str(staging), metadata=metadata)
+    try:
+        with atomic_path(target) as staging:
+            save_file({key: value.contiguous() for key, value in tensors.items()}, str(staging), metadata=metadata)
+    except SafetensorError as error:  # safetensors reports the folder's OSError (read-only, disk full) as its own
+        raise BoothkitError(f"cannot write '{target}': {first_line(error)}") from None
     return target

@@ -74,9 +74,10 @@ def _loadable(family: ModelFamily, file: Path, path: str | Path, what: str) -> t
     """What to hand `load_lora_weights` (the file, or for layouts diffusers does not read — SANA's original
     names — a converted state dict) and how many LoRA matrices must load. kohya/A1111 files hold one `.alpha`
     scalar per layer beside its matrices: diffusers folds it into the scale, it is no tensor of its own."""
-    from boothkit.formats.lora import guess_base, peek_lora, peft_state_dict, read_lora
+    from boothkit.formats.lora import check_lora_values, guess_base, peek_lora, peft_state_dict, read_lora
 
     lora = peek_lora(file)
+    check_lora_values(lora, path)
     own, model = guess_base(lora), family.base_model
     if own is not None and not own.same_kind(model):
         raise BoothkitError(f"{what} '{path}' is for {own.describe()}, not for {model.describe()}")
