@@ -87,9 +87,10 @@ def _run_train(config) -> int:
     result = train(config)
     if not result.is_main_process:
         return 0
-    print(f"LoRA: {result.lora_path}")
+    what = "model (diffusers pipeline folder)" if result.train_mode == "full" else "LoRA"
+    print(f"{what}: {result.lora_path}")
     if result.weak_path is not None:
-        print(f"weak LoRA (for autoguidance): {result.weak_path}")
+        print(f"weak {'model' if result.train_mode == 'full' else 'LoRA'} (for autoguidance): {result.weak_path}")
     print(f"outputs: {result.output_dir}")
     return 0
 

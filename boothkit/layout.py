@@ -247,6 +247,34 @@ class OutputFolder:
             self._save_manifest()
         return [self.root / name for name in names]
 
+    def adopt(self, staging: Path, prefix: str | os.PathLike = "") -> list[Path]:
+        """Move every file of `staging` (a folder boothkit just wrote, e.g. by `save_pretrained`) to `prefix/`
+        here, each claimed first (a user's file in the way is refused before any is moved); boothkit's
+        files of an earlier save under `prefix` that the new one lacks are removed."""
+        files = sorted(path.relative_to(staging) for path in Path(staging).rglob("*") if path.is_file())
+        targets = [Path(prefix) / relative for relative in files]
+        self.claim(*targets)
+        new = {target.as_posix() for target in targets}
+        stale = [name for name in self.files if name.startswith(Path(prefix).as_posix().rstrip("/") + "/")
+                 and name not in new] if str(prefix) not in ("", ".") else []
+        for name in stale:
+            self.remove(name)
+        for relative, target in zip(files, targets):
+            destination = self.root / target
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(staging) / relative, destination)
+        return [self.root / target for target in targets]
+
+    def users_files(self, *prefixes: str) -> list[str]:
+        """Files under `prefixes` (relative paths of files or folders) that boothkit did not write here."""
+        found = []
+        for prefix in prefixes:
+            path = self.root / prefix
+            candidates = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+            found += [p.relative_to(self.root).as_posix() for p in candidates
+                      if p.relative_to(self.root).as_posix() not in self.files and not _is_own(p.name)]
+        return found
+
     def check_writable(self, *relatives: str | os.PathLike) -> list[str]:
         """Refuse, before anything is written, paths that hold a user's file; returns the names."""
         names = [Path(relative).as_posix() for relative in relatives]

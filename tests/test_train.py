@@ -143,10 +143,14 @@ RESUME_STEPS = ("--max_train_steps", 120, "--checkpointing_steps", 20, "--train_
                 "--random_flip", "--train_text_encoder", "--lr_scheduler", "cosine")
 
 
+LORA_FILES = ("pytorch_lora_weights.safetensors", "weak/pytorch_lora_weights.safetensors")
+
+
 def kill_9_and_resume(model: Path, instance: Path, tmp_path: Path, run_cli, flags: tuple, first_checkpoint: int,
-                      last_step: int) -> dict[str, torch.Tensor]:
+                      last_step: int, files: tuple[str, ...] = LORA_FILES) -> dict[str, torch.Tensor]:
     """Train uninterrupted; train again, `kill -9` the run as soon as `checkpoint-<first_checkpoint>` exists, and
-    resume it: the LoRA, the weak LoRA and the loss log equal the uninterrupted run's bit for bit. Returns the LoRA."""
+    resume it: `files` (the LoRA and the weak LoRA) and the loss log equal the uninterrupted run's bit for bit.
+    Returns the first file's tensors."""
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     assert run_cli(*train_args(model, instance, reference, *flags)).code == 0
     command = [sys.executable, "-m", "boothkit", *map(str, train_args(model, instance, interrupted, *flags))]
@@ -162,13 +166,13 @@ def kill_9_and_resume(model: Path, instance: Path, tmp_path: Path, run_cli, flag
 
     result = run_cli(*train_args(model, instance, interrupted, *flags, "--resume_from_checkpoint", "latest"))
     assert result.code == 0, result.err
-    for lora in ("pytorch_lora_weights.safetensors", "weak/pytorch_lora_weights.safetensors"):
-        expected, resumed = load_file(reference / lora), load_file(interrupted / lora)
+    for name in files:
+        expected, resumed = load_file(reference / name), load_file(interrupted / name)
         assert expected.keys() == resumed.keys()
         for key in expected:
-            assert torch.equal(expected[key], resumed[key]), (lora, key)
+            assert torch.equal(expected[key], resumed[key]), (name, key)
     assert read_log(reference) == read_log(interrupted)
-    return load_file(interrupted / "pytorch_lora_weights.safetensors")
+    return load_file(interrupted / files[0])
 
 
 def test_resume_after_kill_9_is_bit_identical(sd15, instance_dir, tmp_path, run_cli):

@@ -6,7 +6,6 @@ W' = W + Σ_i w_i·(α_i/r_i)·up_i·down_i, computed by diffusers' own `fuse_lo
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -33,11 +32,6 @@ def fuse_into_base(config: MergeConfig, base: BaseModel, weighted: list[tuple[st
         folder.clear()
         with tempfile.TemporaryDirectory(dir=output, prefix=TMP_PREFIX) as staging:
             pipeline.save_pretrained(staging, safe_serialization=True)
-            files = sorted(path.relative_to(staging) for path in Path(staging).rglob("*") if path.is_file())
-            folder.claim(*files)
-            for relative in files:
-                destination = output / relative
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(Path(staging) / relative, destination)
+            files = folder.adopt(Path(staging))
     print(f"fused {len(weighted)} LoRA(s) into {base.describe()}: {len(files)} files in {output}")
     return output

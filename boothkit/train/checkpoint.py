@@ -27,6 +27,8 @@ from boothkit.formats.lora import check_finite
 
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 STATE_NAME = "state.json"
+OPTIMIZER_NAME = "optimizer.pt"
+EMA_NAME = "ema.safetensors"
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Checkpoint:
     lr_scheduler: dict
     grad_scaler: dict | None
     info: dict
+    ema: dict[str, torch.Tensor] | None = None  # `--use_ema`'s state (boothkit.train.full.ema_state)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -53,9 +56,11 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def _file_names(checkpoint: Checkpoint) -> list[str]:
-    names = ["trainable.safetensors", "optimizer.pt", "lr_scheduler.pt"]
+    names = ["trainable.safetensors", OPTIMIZER_NAME, "lr_scheduler.pt"]
     if checkpoint.grad_scaler is not None:
         names.append("grad_scaler.pt")
+    if checkpoint.ema is not None:
+        names.append(EMA_NAME)
     return names + [STATE_NAME]
 
 
@@ -69,9 +74,12 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def save_checkpoint(folder: OutputFolder, checkpoint: Checkpoint, total_limit: int | None) -> Path:
+def save_checkpoint(folder: OutputFolder, checkpoint: Checkpoint, total_limit: int | None,
+                    optimizer_in_latest_only: bool = False) -> Path:
     """Write `checkpoint-N/` (its files claimed in `folder`'s manifest first), then keep the newest
-    `total_limit` checkpoints. Non-finite weights or optimizer moments are refused (one line)."""
+    `total_limit` checkpoints. Non-finite weights or optimizer moments are refused (one line). With
+    `optimizer_in_latest_only` (full fine-tuning: the optimizer state is twice the model) older checkpoints
+    lose their optimizer state: they keep their weights, and only the latest resumes."""
     name = checkpoint_name(checkpoint.step)
     check_finite(checkpoint.trainable, f"checkpoint {name}")
     optimizer_tensors = {str(i): t for i, t in enumerate(_tensors(checkpoint.optimizer.get("state", {})))}
@@ -81,7 +89,9 @@ def save_checkpoint(folder: OutputFolder, checkpoint: Checkpoint, total_limit: i
     with atomic_path(target) as staging:
         staging.mkdir()
         save_file(checkpoint.trainable, staging / "trainable.safetensors")
-        torch.save(checkpoint.optimizer, staging / "optimizer.pt")
+        torch.save(checkpoint.optimizer, staging / OPTIMIZER_NAME)
+        if checkpoint.ema is not None:
+            save_file(checkpoint.ema, staging / EMA_NAME)
         torch.save(checkpoint.lr_scheduler, staging / "lr_scheduler.pt")
         if checkpoint.grad_scaler is not None:
             torch.save(checkpoint.grad_scaler, staging / "grad_scaler.pt")
@@ -93,6 +103,9 @@ def save_checkpoint(folder: OutputFolder, checkpoint: Checkpoint, total_limit: i
     if total_limit is not None:
         for _, old in list_checkpoints(folder.root)[:-total_limit]:
             folder.remove(old.name)
+    if optimizer_in_latest_only:
+        for _, old in list_checkpoints(folder.root)[:-1]:
+            folder.remove(f"{old.name}/{OPTIMIZER_NAME}")
     return target
 
 
@@ -107,16 +120,20 @@ def remove_checkpoints_after(folder: OutputFolder, step: int) -> list[str]:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
+    if (path / STATE_NAME).is_file() and not (path / OPTIMIZER_NAME).is_file():
+        raise BoothkitError(f"checkpoint '{path}' keeps the weights only (a full run keeps the optimizer state in "
+                            "its latest checkpoint): resume from the latest one")
     try:
         info = json.loads((path / STATE_NAME).read_text())
-        scaler_file = path / "grad_scaler.pt"
+        scaler_file, ema_file = path / "grad_scaler.pt", path / EMA_NAME
         return Checkpoint(
             step=int(info["step"]),
             trainable=load_file(path / "trainable.safetensors"),
-            optimizer=torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+            optimizer=torch.load(path / OPTIMIZER_NAME, map_location="cpu", weights_only=True),
             lr_scheduler=torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True),
             grad_scaler=torch.load(scaler_file, weights_only=True) if scaler_file.exists() else None,
             info=info,
+            ema=load_file(ema_file) if ema_file.exists() else None,
         )
     except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as error:
         raise BoothkitError(f"checkpoint '{path}' is unreadable: {str(error).splitlines()[0]}") from None

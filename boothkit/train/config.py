@@ -28,13 +28,20 @@ class TrainConfig(ModelSourceOptions):
     sample_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")
     output_dir: str = Field(description="Where the LoRA, weak/, checkpoints and logs are written.")
     overwrite: bool = Field(False, description="Allow a non-empty output_dir (replaces earlier boothkit outputs).")
+    train_mode: Literal["lora", "full"] = Field(
+        "lora", description="lora: train a LoRA; full: fine-tune the whole denoiser (and with --train_text_encoder "
+                            "the text encoder(s)) and save a diffusers pipeline folder (default lr 5e-6).")
+    use_ema: bool = Field(False, description="Full mode: keep an exponential moving average of the trained "
+                                             "weights; the saved model is the average.")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="Decay of --use_ema's average.")
     # Optimisation.
     max_train_steps: int = Field(500, ge=1, description="Optimizer steps.")
     train_batch_size: int = Field(1, ge=1, description="Instance images per step (per device).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     rank: int = Field(4, ge=1, description="LoRA rank.")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: the rank, i.e. scale 1).")
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (default 1e-4; 5e-6 with --train_mode "
+                                                         "full, as the diffusers DreamBooth example).")
     lr_scheduler: Literal[LR_SCHEDULERS] = Field("constant", description="Learning-rate schedule.")
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
@@ -77,6 +84,8 @@ class TrainConfig(ModelSourceOptions):
     num_validation_images: int = Field(4, ge=1, description="Validation images per validation.")
     validation_steps: int = Field(100, ge=1, description="Validate every N steps (and at the end).")
     checkpointing_steps: int = Field(100, ge=1, description="Save resumable state every N steps.")
+    save_interval: int | None = Field(None, ge=1, description="Checkpoint and validate every N steps (sets "
+                                                                "--checkpointing_steps and --validation_steps).")
     checkpoints_total_limit: int | None = Field(None, ge=1, description="Keep at most N checkpoints.")
     resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint folder.")
     weak_checkpoint_step: int | None = Field(
@@ -85,6 +94,7 @@ class TrainConfig(ModelSourceOptions):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":
+        self._resolve_mode_defaults()
         if self.with_prior_preservation:
             if not self.class_prompt:
                 raise ValueError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
@@ -98,6 +108,22 @@ class TrainConfig(ModelSourceOptions):
                 f"({self.max_train_steps})"
             )
         return self
+
+    def _resolve_mode_defaults(self) -> None:
+        """Full fine-tuning's own learning rate and the LoRA-only options; `--save_interval` (the seed's name)."""
+        explicit = self.model_fields_set
+        if self.train_mode == "full":
+            lora_only = [name for name in ("rank", "lora_alpha", "lora_layers") if name in explicit]
+            if lora_only:
+                raise ValueError(f"--{lora_only[0]} applies to --train_mode lora, not full")
+            if "learning_rate" not in explicit:
+                self.__dict__["learning_rate"] = 5e-6  # no re-validation: this validator set it
+        elif self.use_ema:
+            raise ValueError("--use_ema applies to --train_mode full")
+        if self.save_interval is not None:
+            for name in ("checkpointing_steps", "validation_steps"):
+                if name not in explicit:
+                    self.__dict__[name] = self.save_interval
 
     @property
     def resolved_lora_alpha(self) -> float:

@@ -34,6 +34,9 @@ def parameter_groups(trainable: dict[str, torch.nn.Module], denoiser_name: str, 
 def make_optimizer(config: TrainConfig, groups: list[dict]) -> tuple[torch.optim.Optimizer, object]:
     optimizer_class, options = torch.optim.AdamW, {"fused": True}  # one kernel for all tensors (CPU and CUDA)
     if config.use_8bit_adam:
+        if not torch.cuda.is_available():
+            raise BoothkitError("--use_8bit_adam needs a GPU (bitsandbytes' 8-bit AdamW runs on CUDA): leave it out "
+                                "on a CPU")
         try:
             import bitsandbytes
         except ImportError:

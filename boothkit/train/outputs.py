@@ -29,8 +29,11 @@ def planned_outputs(config: TrainConfig, start_step: int) -> list[str]:
     """Every file (relative to the output folder) that a run from `start_step` to `max_train_steps` writes,
     checkpoints aside (claimed as they come): claimed before the first step, so that a user's file in the way
     stops the run before any training, not after it."""
-    names = [LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME, TRAIN_LOG_NAME]
-    if start_step < config.resolved_weak_step:
+    if config.train_mode == "full":  # a pipeline folder; its files are claimed as `save_pretrained` writes them
+        names = ["model_index.json", TRAIN_CONFIG_NAME, TRAIN_LOG_NAME]
+    else:
+        names = [LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME, TRAIN_LOG_NAME]
+    if start_step < config.resolved_weak_step and config.train_mode == "lora":
         names.append(lora_file(weak_dir("")).as_posix())
     if config.validation_prompt:
         steps = [step for step in range(start_step + 1, config.max_train_steps)

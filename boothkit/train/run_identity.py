@@ -54,6 +54,8 @@ def run_identity(config: TrainConfig, instance_files: Sequence[Path], class_file
                 if config.pretrained_vae_model_name_or_path else None),
         "seed": config.seed,
         "resolution": resolution,
+        "train_mode": config.train_mode,
+        "ema_decay": config.ema_decay if config.use_ema else None,
         "rank": config.rank,
         "lora_alpha": config.lora_alpha,  # as set: its default follows --rank
         "train_text_encoder": config.train_text_encoder,

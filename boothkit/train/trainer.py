@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
+from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -27,11 +28,12 @@ from boothkit.data.images import load_image_folder, warn_small_images
 from boothkit.errors import BoothkitError
 from boothkit.families import FamilyOptions, ModelFamily, family_class_for, load_family, read_model_index, weights_dtype
 from boothkit.families.base import Conditioning
-from boothkit.layout import (LORA_WEIGHT_NAME, TRAIN_LOG_NAME, OutputFolder, check_output_folder, lora_file,
-                             weak_dir)
+from boothkit.layout import (LORA_WEIGHT_NAME, TRAIN_LOG_NAME, WEAK_DIR, OutputFolder, check_output_folder,
+                             lora_file, weak_dir)
 from boothkit.train import checkpoint as ckpt
 from boothkit.train.class_images import generate_class_images, missing_class_indices
 from boothkit.train.config import TrainConfig
+from boothkit.train import full
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
 from boothkit.train.losses import min_snr_weights
 from boothkit.train.lora import (attach_adapters, lora_targets, prompt_encoding_settings, save_lora,
@@ -48,10 +50,11 @@ WEAK_LORA = lora_file(weak_dir(""))  # weak/pytorch_lora_weights.safetensors, re
 @dataclass
 class TrainResult:
     output_dir: Path
-    lora_path: Path
+    lora_path: Path  # the LoRA file, or with --train_mode full the pipeline folder
     weak_path: Path | None
     final_loss: float
     is_main_process: bool
+    train_mode: str = "lora"
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Run:
     order: SampleOrder
     start_step: int
     identity: dict | None  # what each checkpoint records, and a resume must match (`run_identity`)
+    ema: EMAModel | None = None  # --use_ema (full fine-tuning)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -95,10 +99,13 @@ def train(config: TrainConfig) -> TrainResult:
         loss = _train_steps(run)
         lora_path = lora_file(output_dir)
         if main:
-            _save_lora(run, folder.path(LORA_WEIGHT_NAME).parent)
+            _save_model(run, weak=False)
             if config.validation_prompt:
                 _validate(run, config.max_train_steps)
         accelerator.wait_for_everyone()
+    if config.train_mode == "full":
+        weak = output_dir / WEAK_DIR
+        return TrainResult(output_dir, output_dir, weak if weak.exists() else None, loss, main, "full")
     weak = output_dir / WEAK_LORA
     return TrainResult(output_dir, lora_path, weak if weak.exists() else None, loss, main)
 
@@ -151,15 +158,24 @@ def _train_steps(run: Run) -> float:
     return loss
 
 
-def _save_lora(run: Run, directory: Path) -> None:
+def _save_model(run: Run, weak: bool) -> None:
+    """The LoRA (or with --train_mode full the pipeline folder; weak: the trained modules only) of this step."""
+    if run.config.train_mode == "full":
+        with full.averaged_weights(run.ema, run.parameters):
+            if weak:
+                full.save_trained_modules(run.folder, run.trainable, WEAK_DIR)
+            else:
+                full.save_full_pipeline(run.folder, run.config, run.family, run.trainable)
+        return
     description = training_description(run.config, run.family, len(run.instance))
+    directory = run.folder.path(WEAK_LORA if weak else LORA_WEIGHT_NAME).parent
     save_lora(run.family, run.trainable, directory, description)
 
 
 def _after_step(run: Run, step: int) -> None:
     config = run.config
     if step == config.resolved_weak_step:
-        _save_lora(run, run.folder.path(WEAK_LORA).parent)
+        _save_model(run, weak=True)
     if step % config.checkpointing_steps == 0 and step < config.max_train_steps:
         _save_checkpoint(run, step)
     if config.validation_prompt and step % config.validation_steps == 0 and step < config.max_train_steps:
@@ -168,7 +184,7 @@ def _after_step(run: Run, step: int) -> None:
 
 def _validate(run: Run, step: int) -> None:
     paths = run.folder.claim(*validation_image_names(step, run.config.num_validation_images))
-    with run.accelerator.autocast():
+    with run.accelerator.autocast(), full.averaged_weights(run.ema, run.parameters):
         save_validation_images(run.family, run.config.validation_prompt, run.config.seed, run.resolution, paths)
 
 
@@ -180,8 +196,10 @@ def _save_checkpoint(run: Run, step: int) -> None:
         info={"seed": run.config.seed, "max_train_steps": run.config.max_train_steps, "rank": run.config.rank,
               "optimizer": type(run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer).__name__,
               "run": run.identity},
+        ema=full.ema_state(run.ema, full.parameter_names(run.trainable)) if run.ema is not None else None,
     )
-    ckpt.save_checkpoint(run.folder, state, run.config.checkpoints_total_limit)
+    ckpt.save_checkpoint(run.folder, state, run.config.checkpoints_total_limit,
+                         optimizer_in_latest_only=run.config.train_mode == "full")
 
 
 # The step ------------------------------------------------------------------------------------------
@@ -203,6 +221,8 @@ def _optimizer_step(run: Run, step_index: int) -> float:
     run.optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # an fp16 overflow skips the update: keep the schedule
         run.lr_scheduler.step()
+        if run.ema is not None:
+            run.ema.step(run.parameters)
     run.optimizer.zero_grad(set_to_none=True)
     return accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
@@ -274,7 +294,7 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
                             f"{family.name} models")
     warn_small_images(instance_files, resolution)
     class_files = _class_images(config, family, accelerator, resolution)
-    targets = lora_targets(config, family)
+    targets = full.full_targets(config, family) if config.train_mode == "full" else lora_targets(config, family)
     identity = None
     if resumed is not None or (folder is not None and config.checkpointing_steps < config.max_train_steps):
         identity = run_identity(config, [path for path, _ in instance_files], [path for path, _ in class_files],
@@ -282,7 +302,7 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
     if resumed is not None:
         _check_resumable(resumed, identity, config.resume_from_checkpoint)
     start_step = resumed.step if resumed else 0
-    _on_main_process(accelerator, lambda: _claim_output_dir(config, folder, resumed, resume_path))
+    _on_main_process(accelerator, lambda: _claim_output_dir(config, family, folder, resumed, resume_path))
     for module in family.frozen_modules():
         module.requires_grad_(False)
     options = ImageOptions(resolution, config.center_crop, config.random_flip, config.cache_latents)
@@ -294,22 +314,28 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
         for text_encoder in family.text_encoders:
             text_encoder.to("cpu")
         torch.cuda.empty_cache()
-    trainable = attach_adapters(config, family, weight_dtype, targets)
+    if config.train_mode == "full":
+        trainable = full.prepare_full(config, family, targets)
+    else:
+        trainable = attach_adapters(config, family, weight_dtype, targets)
+    parameters = trainable_parameters(trainable)
+    ema = full.make_ema(config, parameters)
     groups = parameter_groups(trainable, family.denoiser_name, config.learning_rate,
                               text_encoder_lr(config, family.default_text_encoder_lr))
     optimizer, lr_scheduler = make_optimizer(config, groups)
     if resumed is not None:
         restore(resumed, trainable, optimizer, lr_scheduler, accelerator)
+        if ema is not None:
+            full.load_ema_state(ema, full.parameter_names(trainable), resumed.ema)
         log.info("resuming from %s (step %d)", resume_path, resumed.step)
     denoiser, optimizer = accelerator.prepare(family.denoiser, optimizer)
     if folder is not None:
         write_train_config(folder, config, _resolved(config, family, resolution, accelerator))
     accelerator.wait_for_everyone()
     dataset_length = max(len(instance), len(classes) if classes else 0)
-    return Run(config, accelerator, family, folder, resolution, denoiser, trainable,
-               trainable_parameters(trainable), optimizer, lr_scheduler,
-               instance, classes, prompts, SampleOrder(dataset_length, config.seed),
-               start_step, identity)
+    return Run(config, accelerator, family, folder, resolution, denoiser, trainable, parameters, optimizer,
+               lr_scheduler, instance, classes, prompts, SampleOrder(dataset_length, config.seed), start_step, identity,
+               ema)
 
 
 def _check_resumable(resumed: ckpt.Checkpoint, identity: dict, spec: str) -> None:
@@ -347,13 +373,19 @@ def _on_main_process(accelerator: Accelerator, action) -> None:
         raise BoothkitError(error)
 
 
-def _claim_output_dir(config: TrainConfig, folder: OutputFolder, resumed: ckpt.Checkpoint | None,
+def _claim_output_dir(config: TrainConfig, family: ModelFamily, folder: OutputFolder, resumed: ckpt.Checkpoint | None,
                       resume_path: Path | None) -> None:
     """Main process, before the first step: tidy the folder, then claim every file the run will write, so that a
     user's file in the way ends the run now rather than after all its steps."""
     _tidy_output_dir(config, folder, resumed, resume_path)
     folder.claim(*planned_outputs(config, resumed.step if resumed else 0))
-    if resumed is not None and 0 < config.resolved_weak_step <= resumed.step and not folder.owns(WEAK_LORA):
+    if config.train_mode == "full":
+        users = folder.users_files(*full.pipeline_parts(config, family))
+        if users:
+            raise BoothkitError(f"'{folder.root / users[0]}' is in the way of the model this run saves there and "
+                                "boothkit did not write it: move it, or choose another --output_dir")
+    weak_file = WEAK_LORA if config.train_mode == "lora" else Path(WEAK_DIR) / family.denoiser_name / "config.json"
+    if resumed is not None and 0 < config.resolved_weak_step <= resumed.step and not folder.owns(weak_file):
         log.warning("'%s' gets no weak LoRA: its step (%d) precedes the resumed step %d; copy the weak/ of the run "
                     "that wrote %s", folder.root, config.resolved_weak_step, resumed.step, resume_path)
 
