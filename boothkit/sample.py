@@ -12,6 +12,7 @@ from boothkit.errors import BoothkitError
 from boothkit.families import FamilyOptions, load_family, weights_dtype
 from boothkit.guidance.adapters import existing_lora_file, text_options
 from boothkit.guidance.config import SampleConfig
+from boothkit.guidance.full_model import load_weight_variants
 from boothkit.guidance.rules import default_guidance_scale, make_guidance
 from boothkit.guidance.sampler import GeneratedImage, GuidedSampler, SamplerSettings, load_guidance_adapters
 from boothkit.guidance.settings import image_name, sampler_settings
@@ -49,9 +50,9 @@ def run_sample(config: SampleConfig) -> list[Path]:
     output_dir = check_output_folder(config.output_dir, "sample", overwrite=config.overwrite,
                                      hint="pass --overwrite to replace the images of the earlier run")
     with OutputFolder(output_dir, "sample") as folder:  # one writer per folder, from here on
-        family, guidance, adapters = _load(config)
+        family, guidance, adapters, variants = _load(config)
         settings = sampler_settings(family, config)
-        images = GuidedSampler(family, guidance, settings, adapters).iterate(
+        images = GuidedSampler(family, guidance, settings, adapters, variants).iterate(
             prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
         folder.clear()  # an earlier run's images would disagree with the new samples.json
         names = [image_name(index, prompt) for index, prompt in
@@ -70,7 +71,8 @@ def subject_and_extras(config: SampleConfig) -> tuple[tuple[str, float] | None, 
 
 
 def _load(config: SampleConfig):
-    """The family on its device, the guidance rule, and the LoRA adapters it needs."""
+    """The family on its device, the guidance rule, the LoRA adapters it needs and, for guidance on a fully
+    fine-tuned model (no LoRA), its weak and interpolated weights (`guidance.full_model`)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = weights_dtype(config.mixed_precision, device)
     subject, extras = subject_and_extras(config)
@@ -81,10 +83,13 @@ def _load(config: SampleConfig):
         default_guidance_scale(config.method, family.default_guidance_scale)
     guidance = make_guidance(config.method, scale, config.cfg_scale, config.omega,  # λ = 0 is a valid scale
                              config.guidance_rescale)
+    full_model = subject_path is None and guidance.method in ("ag", "wig")
+    variants = load_weight_variants(family, config.base_model, config.weak_checkpoint_path, guidance.method == "wig",
+                                    guidance.needs_weak, config.revision) if full_model else None
     adapters = load_guidance_adapters(family, subject_path, config.weak_checkpoint_path, guidance,
-                                      lora_weight=subject_weight, extras=extras)
+                                      lora_weight=subject_weight, extras=extras, full_model=full_model)
     family.pipeline.to(device)
-    return family, guidance, adapters
+    return family, guidance, adapters, variants
 
 
 def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config: SampleConfig, guidance,
@@ -92,7 +97,8 @@ def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config
     """`NNNN_<prompt-slug>.png` for each image as soon as it is made, and `samples.json` describing how each
     was made, rewritten after every image: if the run stops, the folder and samples.json still agree."""
     loras = [{"path": path, "weight": weight} for path, weight in config.lora_stack()]  # the subject first
-    weak = config.weak_checkpoint_path or (str(weak_dir(loras[0]["path"])) if loras else None)
+    own_weak = weak_dir(loras[0]["path"]) if loras else weak_dir(config.pretrained_model_name_or_path)
+    weak = config.weak_checkpoint_path or str(own_weak)
     records, paths = [], []
     for index, generated in enumerate(images):
         path = folder.path(image_name(index, generated.prompt))
@@ -105,7 +111,8 @@ def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config
             "steps": settings.num_inference_steps,
             "scheduler": settings.scheduler, "height": settings.height, "width": settings.width,
             "model": config.pretrained_model_name_or_path, "lora_dir": config.lora_dir,
-            "weak_lora": weak if guidance.needs_weak else None, "loras": loras,
+            "weak_lora": weak if guidance.needs_weak else None,
+            "base_model": config.base_model if guidance.method == "wig" and not loras else None, "loras": loras,
         })
         write_json_atomic(folder.path(SAMPLES_NAME), records)
     return paths

@@ -91,7 +91,10 @@ class SampleConfig(ModelSourceOptions, SamplerOptions):
                                                               "stay at their weight in every branch.",
                             json_schema_extra={"repeatable": True})
     lora_scale: float = Field(1.0, description="Weight of the subject LoRA (LORA_DIR, else the first --lora).")
-    weak_checkpoint_path: str | None = Field(None, description="Weak LoRA folder or file (overrides LORA_DIR/weak).")
+    weak_checkpoint_path: str | None = Field(None, description="Weak LoRA folder or file (overrides LORA_DIR/weak); "
+                                                                "for a fully fine-tuned model its weak/ folder.")
+    base_model: str | None = Field(None, description="--method wig on a fully fine-tuned model (no LoRA; the "
+                                                     "model is its folder): the model it was fine-tuned from.")
     method: Literal[METHODS] = Field("cfg", description="Guidance: cfg, ag (CFG + AutoGuidance), wig, none.")
     prompt: list[str] = Field(default_factory=list, description="Prompt (repeatable).",
                               json_schema_extra={"repeatable": True})

@@ -8,6 +8,7 @@ edm2 and diffusers' list-of-generators convention, image i of a prompt starts fr
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -20,6 +21,7 @@ from boothkit import layout
 from boothkit.errors import BoothkitError
 from boothkit.families.base import Conditioning, ModelFamily
 from boothkit.guidance.adapters import FINE, WEAK, existing_lora_file, load_adapter, model_scales, per_sample_scales
+from boothkit.guidance.full_model import WeightVariants
 from boothkit.guidance.rules import Branch, Guidance
 from boothkit.guidance.schedulers import make_scheduler
 
@@ -54,19 +56,21 @@ class GeneratedImage:
 
 
 def load_guidance_adapters(family: ModelFamily, lora_dir: str | None, weak_dir: str | None, guidance: Guidance,
-                           lora_weight: float = 1.0, extras: Sequence[tuple[str, float]] = ()) -> list[str]:
+                           lora_weight: float = 1.0, extras: Sequence[tuple[str, float]] = (),
+                           full_model: bool = False) -> list[str]:
     """Load the fine (subject) LoRA, the weak one when the rule needs it, and the `extras` (path, weight) as
     resident, active adapters. Guidance acts on the subject only: fine and weak are active at `lora_weight`, and
     the sampler's per-row factors (fine at 1, ω or 0; weak at 1 or 0) multiply that weight, as peft keeps
-    weight·α/r in each layer's scaling. The extras (`EXTRA` + index) keep their weight in every branch."""
-    if lora_dir is None and guidance.method in ("ag", "wig"):
+    weight·α/r in each layer's scaling. The extras (`EXTRA` + index) keep their weight in every branch.
+    `full_model`: the rule acts on a fully fine-tuned model's weights (`full_model.WeightVariants`), no LoRA."""
+    if lora_dir is None and guidance.method in ("ag", "wig") and not full_model:
         # Without a LoRA, θ_ω = θ_ft = θ_pre: WIG would silently be CFG, and AG would have no fine model.
         raise BoothkitError(f"--method {guidance.method} guides a personalized model: pass --lora_dir (or --lora)")
     names = []
     if lora_dir is not None:
         load_adapter(family, lora_dir, FINE, "LoRA folder")
         names.append(FINE)
-    if guidance.needs_weak:
+    if guidance.needs_weak and not full_model:
         weak_dir = weak_dir or str(layout.weak_dir(lora_dir))
         try:
             existing_lora_file(weak_dir, "weak checkpoint")
@@ -86,11 +90,14 @@ def load_guidance_adapters(family: ModelFamily, lora_dir: str | None, weak_dir: 
 
 
 class GuidedSampler:
-    def __init__(self, family: ModelFamily, guidance: Guidance, settings: SamplerSettings, adapters: list[str]):
+    def __init__(self, family: ModelFamily, guidance: Guidance, settings: SamplerSettings, adapters: list[str],
+                 variants: WeightVariants | None = None):
+        """`variants`: a fully fine-tuned model's weak and interpolated weights (`full_model`), instead of LoRAs."""
         self.family = family
         self.guidance = guidance
         self.settings = settings
         self.adapters = adapters
+        self.variants = variants
         self.device = family.denoiser.device
         self.dtype = family.denoiser.dtype
 
@@ -126,9 +133,17 @@ class GuidedSampler:
         result = {}
         for branch in self.guidance.branches:
             texts = list(prompts) if branch.prompt == "cond" else [negative_prompt] * len(prompts)
-            with per_sample_scales(self.family.text_encoders, self.row_scales((branch,), len(texts))):
+            with per_sample_scales(self.family.text_encoders, self.row_scales((branch,), len(texts))), \
+                    self.weights_of(branch.model):
                 result[branch] = self.family.encode_prompts(texts, self.device, negative=branch.prompt == "uncond")
         return result
+
+    def weights_of(self, model: str):
+        """For a fully fine-tuned model, the block computes with `model`'s weights (fine, weak or interp)."""
+        if self.variants is None:
+            return contextlib.nullcontext()
+        scales = model_scales(model, self.guidance.omega or 0.0)
+        return self.variants.apply(scales.get(FINE, 0.0), scales.get(WEAK, 0.0))
 
     def row_scales(self, branches: tuple[Branch, ...], rows: int) -> dict[str, torch.Tensor]:
         """Per adapter, the LoRA scale of every row of a branch-major batch."""
@@ -160,7 +175,16 @@ class GuidedSampler:
         """The guided model output: every branch in one forward call (or, for reference, one call each)."""
         branches, rows = self.guidance.branches, latents.shape[0]
         denoiser = [self.family.denoiser]
-        if self.settings.batched_branches:
+        if self.variants is not None:  # one weight per call: each model's branches batched together
+            outputs = {}
+            for model in dict.fromkeys(branch.model for branch in branches):
+                group = [branch for branch in branches if branch.model == model]
+                for part in [group] if self.settings.batched_branches else [[branch] for branch in group]:
+                    with self.weights_of(model):
+                        stacked = self.family.predict(torch.cat([latents] * len(part)), timestep,
+                                                      Conditioning.cat([conditioning[b] for b in part]))
+                    outputs.update(zip(part, stacked.chunk(len(part))))
+        elif self.settings.batched_branches:
             with per_sample_scales(denoiser, self.row_scales(branches, rows)):
                 stacked = self.family.predict(torch.cat([latents] * len(branches)), timestep,
                                               Conditioning.cat([conditioning[b] for b in branches]))
