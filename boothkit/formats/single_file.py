@@ -239,8 +239,8 @@ def checkpoint_metadata(pipeline, base: BaseModel, title: str, extra: dict[str, 
 
 
 def save_checkpoint(tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Path) -> None:
-    """Write `.safetensors` (metadata in its header) or `.ckpt` (`{"state_dict": …, "boothkit_metadata": …}`, tensors
-    and strings only: `torch.load(weights_only=True)` reads it), atomically, refusing NaN/inf first."""
+    """Write `.safetensors` (metadata in its header) or `.ckpt` (`{"state_dict": …, "boothkit_metadata": …}`:
+    tensors and strings only, which `torch.load(weights_only=True)` reads), atomically, refusing NaN/inf first."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
