@@ -18,8 +18,14 @@ class TrainConfig(ModelSourceOptions):
     pretrained_vae_model_name_or_path: str | None = Field(
         None, description="A VAE to use instead of the model's (hub id or local folder), e.g. "
                           "madebyollin/sdxl-vae-fp16-fix for SDXL in fp16.")
-    instance_data_dir: str = Field(description="Folder with the 3-6 photos of the subject.")
-    instance_prompt: str = Field(description="Prompt with the identifier, e.g. 'a photo of sks dog'.")
+    instance_data_dir: str | None = Field(None, description="Folder with the 3-6 photos of the subject (required "
+                                                           "unless --concepts_list or --dataset_config).")
+    instance_prompt: str | None = Field(None, description="Prompt with the identifier, e.g. 'a photo of sks dog'.")
+    concepts_list: str | None = Field(None, description="JSON list of concepts (instance_prompt, instance_data_dir, "
+                                                        "class_prompt, class_data_dir, num_class_images, repeats, "
+                                                        "validation_prompt) to train in one run.")
+    dataset_config: str | None = Field(None, description="The concepts as a kohya dataset config (TOML: datasets → "
+                                                         "subsets with image_dir, class_tokens, num_repeats, is_reg).")
     class_data_dir: str | None = Field(None, description="Folder of class images for prior preservation.")
     class_prompt: str | None = Field(None, description="Class prompt for prior preservation, e.g. 'a photo of dog'.")
     with_prior_preservation: bool = Field(False, description="Add the prior-preservation loss on class images.")
@@ -95,7 +101,18 @@ class TrainConfig(ModelSourceOptions):
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":
         self._resolve_mode_defaults()
-        if self.with_prior_preservation:
+        sources = [name for name in ("concepts_list", "dataset_config") if getattr(self, name)]
+        if len(sources) > 1:
+            raise ValueError("give --concepts_list or --dataset_config, not both")
+        if sources:
+            flags = [name for name in ("instance_data_dir", "instance_prompt", "class_prompt", "class_data_dir")
+                     if getattr(self, name)]
+            if flags:
+                raise ValueError(f"--{flags[0]} is set by each concept of --{sources[0]}: leave the flag out")
+        elif not self.instance_data_dir or not self.instance_prompt:
+            missing = "instance_data_dir" if not self.instance_data_dir else "instance_prompt"
+            raise ValueError(f"--{missing} is required (or --concepts_list / --dataset_config)")
+        if self.with_prior_preservation and not sources:
             if not self.class_prompt:
                 raise ValueError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of dog')")
             if not self.class_data_dir:

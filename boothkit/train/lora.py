@@ -126,9 +126,13 @@ def lora_layers_of(modules: dict[str, torch.nn.Module]) -> dict[str, LoraLayerWe
     return layers
 
 
-def training_description(config: TrainConfig, family: ModelFamily, images: int | None = None) -> LoraDescription:
-    """The metadata of a trained LoRA: trigger, base model, resolution and the training settings that made it."""
-    settings = {"instance_prompt": config.instance_prompt, "class_prompt": config.class_prompt,
+def training_description(config: TrainConfig, family: ModelFamily, concepts: list, images: int | None = None
+                         ) -> LoraDescription:
+    """The metadata of a trained LoRA: trigger(s), base model, resolution and the training settings that made it
+    (`concepts`: `boothkit.train.concepts.Concept`s; several give several triggers)."""
+    prompts = [concept.instance_prompt for concept in concepts]
+    settings = {"instance_prompt": prompts[0] if len(prompts) == 1 else prompts,
+                "class_prompt": concepts[0].class_prompt if len(concepts) == 1 else [c.class_prompt for c in concepts],
                 "base_model": config.pretrained_model_name_or_path, "family": family.name, "rank": config.rank,
                 "lora_alpha": config.resolved_lora_alpha, "max_train_steps": config.max_train_steps,
                 "learning_rate": config.learning_rate, "seed": config.seed,
@@ -138,8 +142,8 @@ def training_description(config: TrainConfig, family: ModelFamily, images: int |
         settings.update(max_sequence_length=config.max_sequence_length,
                         complex_human_instruction=config.complex_human_instruction)
     title = Path(config.output_dir).expanduser().resolve().name
-    return LoraDescription(family.base_model, title, trigger_phrase(config.instance_prompt), settings["resolution"],
-                           settings, images)
+    trigger = ", ".join(trigger_phrase(prompt) for prompt in prompts)
+    return LoraDescription(family.base_model, title, trigger, settings["resolution"], settings, images)
 
 
 def save_lora(family: ModelFamily, modules: dict[str, torch.nn.Module], directory: str | Path,

@@ -25,7 +25,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def planned_outputs(config: TrainConfig, start_step: int) -> list[str]:
+def planned_outputs(config: TrainConfig, start_step: int, validations: list[tuple[int | None, str]]) -> list[str]:
     """Every file (relative to the output folder) that a run from `start_step` to `max_train_steps` writes,
     checkpoints aside (claimed as they come): claimed before the first step, so that a user's file in the way
     stops the run before any training, not after it."""
@@ -35,10 +35,10 @@ def planned_outputs(config: TrainConfig, start_step: int) -> list[str]:
         names = [LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME, TRAIN_LOG_NAME]
     if start_step < config.resolved_weak_step and config.train_mode == "lora":
         names.append(lora_file(weak_dir("")).as_posix())
-    if config.validation_prompt:
-        steps = [step for step in range(start_step + 1, config.max_train_steps)
-                 if step % config.validation_steps == 0] + [config.max_train_steps]
-        names += [name for step in steps for name in validation_image_names(step, config.num_validation_images)]
+    steps = [step for step in range(start_step + 1, config.max_train_steps)
+             if step % config.validation_steps == 0] + [config.max_train_steps]
+    names += [name for concept, _ in validations for step in steps
+              for name in validation_image_names(step, config.num_validation_images, concept)]
     return names
 
 

@@ -24,6 +24,9 @@ DESCRIPTIONS = {
     "prompt_encoding": "the prompt encoding (--max_sequence_length, --complex_human_instruction)",
     "model": "the model (--pretrained_model_name_or_path)",
     "vae": "the VAE (--pretrained_vae_model_name_or_path)",
+    "concepts": "the concepts (--concepts_list / --dataset_config: prompts, classes, repeats)",
+    "train_mode": "the training mode (--train_mode)",
+    "ema_decay": "the EMA (--use_ema, --ema_decay)",
     "seed": "the seed (--seed)",
     "resolution": "the resolution (--resolution)",
     "rank": "the LoRA rank (--rank)",
@@ -38,10 +41,11 @@ DESCRIPTIONS = {
 _PLURAL = {"instance_photos", "class_images"}
 
 
-def run_identity(config: TrainConfig, instance_files: Sequence[Path], class_files: Sequence[Path],
+def run_identity(config: TrainConfig, images, instance_files: Sequence[Path], class_files: Sequence[Path],
                  resolution: int, lora_targets: dict[str, Sequence[str]], prompt_encoding: dict) -> dict:
     """What a checkpoint of this run must have been written by (JSON-serialisable). `lora_targets`: the
-    target layers of each trained module; `prompt_encoding`: `boothkit.train.lora.prompt_encoding_settings`."""
+    target layers of each trained module; `prompt_encoding`: `boothkit.train.lora.prompt_encoding_settings`;
+    `images`: the run's `boothkit.train.concepts.ConceptImages` (several concepts: their prompts and repeats)."""
     prior = config.with_prior_preservation
     return {
         "instance_photos": identity.files_digest(instance_files),
@@ -52,6 +56,8 @@ def run_identity(config: TrainConfig, instance_files: Sequence[Path], class_file
         "model": identity.model_identity(config.pretrained_model_name_or_path, config.revision, config.variant),
         "vae": (identity.model_identity(config.pretrained_vae_model_name_or_path, config_name="config.json")
                 if config.pretrained_vae_model_name_or_path else None),
+        "concepts": [[c.instance_prompt, c.class_prompt if prior else None, c.repeats] for c in images.concepts]
+        if len(images.concepts) > 1 or images.concepts[0].repeats != 1 else None,
         "seed": config.seed,
         "resolution": resolution,
         "train_mode": config.train_mode,

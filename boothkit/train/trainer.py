@@ -32,6 +32,7 @@ from boothkit.layout import (LORA_WEIGHT_NAME, TRAIN_LOG_NAME, WEAK_DIR, OutputF
                              lora_file, weak_dir)
 from boothkit.train import checkpoint as ckpt
 from boothkit.train.class_images import generate_class_images, missing_class_indices
+from boothkit.train.concepts import Concept, ConceptImages, RowPicker, concepts_of
 from boothkit.train.config import TrainConfig
 from boothkit.train import full
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
@@ -73,10 +74,12 @@ class Run:
     lr_scheduler: object
     instance: LatentBank
     classes: LatentBank | None
-    prompts: dict[str, Conditioning]  # cached embeddings, empty when the text encoder trains
+    prompts: dict[tuple[str, int], Conditioning]  # cached embeddings by (instance|class, concept); empty when TE trains
     order: SampleOrder
     start_step: int
     identity: dict | None  # what each checkpoint records, and a resume must match (`run_identity`)
+    images: ConceptImages  # the concepts, their photos and class images
+    picker: RowPicker  # which photo each row of a batch uses
     ema: EMAModel | None = None  # --use_ema (full fine-tuning)
 
 
@@ -91,17 +94,16 @@ def train(config: TrainConfig) -> TrainResult:
     own_checkpoint = resume_path is not None and ckpt.is_own_checkpoint(config.output_dir, resume_path)
     output_dir = check_output_folder(config.output_dir, "train", overwrite=config.overwrite, reuse=own_checkpoint,
                                      hint=_output_dir_hint(config, resume_path))
-    instance_files = _check_inputs(config)
+    images = _check_inputs(config)
     accelerator.wait_for_everyone()
     main = accelerator.is_main_process
     with OutputFolder(output_dir, "train") if main else contextlib.nullcontext() as folder:
-        run = _prepare(config, accelerator, folder, resume_path, instance_files)
+        run = _prepare(config, accelerator, folder, resume_path, images)
         loss = _train_steps(run)
         lora_path = lora_file(output_dir)
         if main:
             _save_model(run, weak=False)
-            if config.validation_prompt:
-                _validate(run, config.max_train_steps)
+            _validate(run, config.max_train_steps)
         accelerator.wait_for_everyone()
     if config.train_mode == "full":
         weak = output_dir / WEAK_DIR
@@ -110,18 +112,23 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(output_dir, lora_path, weak if weak.exists() else None, loss, main)
 
 
-def _check_inputs(config: TrainConfig) -> list[tuple[Path, Image.Image]]:
-    """What can be checked cheaply fails before the output folder is touched; returns the instance photos."""
-    instance_files = load_image_folder(config.instance_data_dir, "instance data folder")
+def _check_inputs(config: TrainConfig) -> ConceptImages:
+    """What can be checked cheaply fails before the output folder is touched; returns the concepts and their
+    instance photos."""
+    concepts = concepts_of(config)
+    several = len(concepts) > 1
+    instance_files = [load_image_folder(c.instance_data_dir, f"instance data folder{f' of concept {k}' if several else ''}")
+                      for k, c in enumerate(concepts)]
     family_class = family_class_for(read_model_index(config.pretrained_model_name_or_path, config.revision),
                                     config.pretrained_model_name_or_path)
     if config.snr_gamma is not None and not hasattr(family_class, "timestep_snr"):
         raise BoothkitError(f"--snr_gamma applies to DDPM models (SD); {family_class.name} trains with flow "
                             "matching: use --weighting_scheme")
-    class_dir = Path(config.class_data_dir) if config.with_prior_preservation else None
-    if class_dir is not None and class_dir.exists() and not class_dir.is_dir():
-        raise BoothkitError(f"class data folder '{class_dir}' is not a folder")
-    return instance_files
+    for concept in concepts if config.with_prior_preservation else ():
+        class_dir = Path(concept.class_data_dir)
+        if class_dir.exists() and not class_dir.is_dir():
+            raise BoothkitError(f"class data folder '{class_dir}' is not a folder")
+    return ConceptImages(concepts, instance_files)
 
 
 def _output_dir_hint(config: TrainConfig, resume_path: Path | None) -> str:
@@ -167,7 +174,7 @@ def _save_model(run: Run, weak: bool) -> None:
             else:
                 full.save_full_pipeline(run.folder, run.config, run.family, run.trainable)
         return
-    description = training_description(run.config, run.family, len(run.instance))
+    description = training_description(run.config, run.family, run.images.concepts, len(run.instance))
     directory = run.folder.path(WEAK_LORA if weak else LORA_WEIGHT_NAME).parent
     save_lora(run.family, run.trainable, directory, description)
 
@@ -178,14 +185,16 @@ def _after_step(run: Run, step: int) -> None:
         _save_model(run, weak=True)
     if step % config.checkpointing_steps == 0 and step < config.max_train_steps:
         _save_checkpoint(run, step)
-    if config.validation_prompt and step % config.validation_steps == 0 and step < config.max_train_steps:
+    if step % config.validation_steps == 0 and step < config.max_train_steps:
         _validate(run, step)
 
 
 def _validate(run: Run, step: int) -> None:
-    paths = run.folder.claim(*validation_image_names(step, run.config.num_validation_images))
-    with run.accelerator.autocast(), full.averaged_weights(run.ema, run.parameters):
-        save_validation_images(run.family, run.config.validation_prompt, run.config.seed, run.resolution, paths)
+    """Validation images of every concept that has a validation prompt (with `--use_ema`: of the average)."""
+    for concept, prompt in run.images.validations():
+        paths = run.folder.claim(*validation_image_names(step, run.config.num_validation_images, concept))
+        with run.accelerator.autocast(), full.averaged_weights(run.ema, run.parameters):
+            save_validation_images(run.family, prompt, run.config.seed, run.resolution, paths)
 
 
 def _save_checkpoint(run: Run, step: int) -> None:
@@ -233,14 +242,18 @@ def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
     config, accelerator, family = run.config, run.accelerator, run.family
     positions = sample_positions(micro_step, accelerator.process_index, accelerator.num_processes,
                                  config.train_batch_size)
-    banks = [("instance", run.instance)] + ([("class", run.classes)] if run.classes is not None else [])
-    rows = [(bank, stream, p) for stream, (_, bank) in enumerate(banks) for p in positions]
-    drawn = [bank.draw(run.order[p] % len(bank), config.seed, p) for bank, _, p in rows]
+    picked = [run.picker.instance(run.order[p]) for p in positions]  # (instance image, concept) of each row
+    rows = [(run.instance, 0, p, index, ("instance", k)) for p, (index, k) in zip(positions, picked)]
+    if run.classes is not None:  # each prior row: a class image of its instance row's concept
+        rows += [(run.classes, 1, p, run.picker.class_image(k, run.order[p]), ("class", k))
+                 for p, (_, k) in zip(positions, picked)]
+    drawn = [bank.draw(index, config.seed, p) for bank, _, p, index, _ in rows]
     latents = torch.cat([latent for latent, _ in drawn])
     noise = torch.stack([torch.randn(latents.shape[1:], generator=seeding.generator(config.seed, "noise", stream, p))
-                         for _, stream, p in rows]).to(latents.device)
-    timestep_generators = [seeding.generator(config.seed, "timesteps", stream, p) for _, stream, p in rows]
-    conditioning = Conditioning.cat([_prompt(run, name).repeat(len(positions)) for name, _ in banks])
+                         for _, stream, p, _, _ in rows]).to(latents.device)
+    timestep_generators = [seeding.generator(config.seed, "timesteps", stream, p) for _, stream, p, _, _ in rows]
+    prompts = {key: _prompt(run, *key) for key in dict.fromkeys(key for *_, key in rows)}  # each encoded once
+    conditioning = Conditioning.cat([prompts[key] for *_, key in rows])
     conditioning.tensors.update(family.image_conditioning([geometry for _, geometry in drawn], run.resolution,
                                                           latents.device))
     noisy, timesteps, target, weights = family.training_sample(latents, noise, timestep_generators)
@@ -257,11 +270,15 @@ def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
     return instance_loss.mean() + config.prior_loss_weight * prior_loss.mean()
 
 
-def _prompt(run: Run, which: str) -> Conditioning:
-    if which in run.prompts:
-        return run.prompts[which]
-    text = run.config.instance_prompt if which == "instance" else run.config.class_prompt
+def _prompt(run: Run, which: str, concept: int) -> Conditioning:
+    if (which, concept) in run.prompts:
+        return run.prompts[(which, concept)]
+    text = _prompt_text(run.images.concepts[concept], which)
     return run.family.encode_prompts([text], run.accelerator.device)  # with gradients into the text LoRA
+
+
+def _prompt_text(concept: Concept, which: str) -> str:
+    return concept.instance_prompt if which == "instance" else concept.class_prompt
 
 
 def _average_text_encoder_gradients(run: Run) -> None:
@@ -279,7 +296,7 @@ def _average_text_encoder_gradients(run: Run) -> None:
 # Set-up ---------------------------------------------------------------------------------------------
 
 def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder | None, resume_path: Path | None,
-             instance_files: list[tuple[Path, Image.Image]]) -> Run:
+             images: ConceptImages) -> Run:
     resumed = ckpt.load_checkpoint(resume_path) if resume_path else None
     if resumed is not None:
         config = _with_the_runs_weak_step(config, resumed)
@@ -292,24 +309,26 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
     if resolution % family.resolution_multiple:
         raise BoothkitError(f"--resolution {resolution} must be a multiple of {family.resolution_multiple} for "
                             f"{family.name} models")
-    warn_small_images(instance_files, resolution)
-    class_files = _class_images(config, family, accelerator, resolution)
+    warn_small_images(images.all_instance_files, resolution)
+    images.class_files = _class_images(config, family, accelerator, resolution, images.concepts)
+    instance_files, class_files = images.all_instance_files, images.all_class_files
     targets = full.full_targets(config, family) if config.train_mode == "full" else lora_targets(config, family)
     identity = None
     if resumed is not None or (folder is not None and config.checkpointing_steps < config.max_train_steps):
-        identity = run_identity(config, [path for path, _ in instance_files], [path for path, _ in class_files],
+        identity = run_identity(config, images, [path for path, _ in instance_files], [path for path, _ in class_files],
                                 resolution, targets, prompt_encoding_settings(family))
     if resumed is not None:
         _check_resumable(resumed, identity, config.resume_from_checkpoint)
     start_step = resumed.step if resumed else 0
-    _on_main_process(accelerator, lambda: _claim_output_dir(config, family, folder, resumed, resume_path))
+    _on_main_process(accelerator, lambda: _claim_output_dir(config, family, folder, resumed, resume_path,
+                                                            images.validations()))
     for module in family.frozen_modules():
         module.requires_grad_(False)
     options = ImageOptions(resolution, config.center_crop, config.random_flip, config.cache_latents)
     instance = LatentBank(family, [image for _, image in instance_files], options, "instance", stream=0)
     classes = LatentBank(family, [image for _, image in class_files], options, "class", stream=1) if class_files else None
-    prompts = _cached_prompts(config, family, accelerator.device)
-    if prompts and not config.validation_prompt and accelerator.device.type == "cuda":
+    prompts = _cached_prompts(config, family, accelerator.device, images.concepts)
+    if prompts and not images.validations() and accelerator.device.type == "cuda":
         # Nothing needs the text encoder any more (SANA's Gemma-2 is ~5 GB in bf16): free its GPU memory.
         for text_encoder in family.text_encoders:
             text_encoder.to("cpu")
@@ -332,10 +351,11 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
     if folder is not None:
         write_train_config(folder, config, _resolved(config, family, resolution, accelerator))
     accelerator.wait_for_everyone()
-    dataset_length = max(len(instance), len(classes) if classes else 0)
+    picker = RowPicker(images)
+    dataset_length = max(len(picker.slots), len(classes) if classes else 0)
     return Run(config, accelerator, family, folder, resolution, denoiser, trainable, parameters, optimizer,
                lr_scheduler, instance, classes, prompts, SampleOrder(dataset_length, config.seed), start_step, identity,
-               ema)
+               images, picker, ema)
 
 
 def _check_resumable(resumed: ckpt.Checkpoint, identity: dict, spec: str) -> None:
@@ -374,11 +394,11 @@ def _on_main_process(accelerator: Accelerator, action) -> None:
 
 
 def _claim_output_dir(config: TrainConfig, family: ModelFamily, folder: OutputFolder, resumed: ckpt.Checkpoint | None,
-                      resume_path: Path | None) -> None:
+                      resume_path: Path | None, validations: list[tuple[int | None, str]]) -> None:
     """Main process, before the first step: tidy the folder, then claim every file the run will write, so that a
     user's file in the way ends the run now rather than after all its steps."""
     _tidy_output_dir(config, folder, resumed, resume_path)
-    folder.claim(*planned_outputs(config, resumed.step if resumed else 0))
+    folder.claim(*planned_outputs(config, resumed.step if resumed else 0, validations))
     if config.train_mode == "full":
         users = folder.users_files(*full.pipeline_parts(config, family))
         if users:
@@ -422,9 +442,10 @@ def _accelerator(config: TrainConfig) -> Accelerator:
     return Accelerator(mixed_precision=precision)
 
 
-def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int
-                  ) -> list[tuple[Path, Image.Image]]:
-    """Generate the missing class images (split across processes), then use the first `num_class_images`.
+def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int,
+                  concepts: list[Concept]) -> list[list[tuple[Path, Image.Image]]]:
+    """Each concept's class images: the missing ones generated (split across processes), then its first
+    `num_class_images`.
 
     Every process must split the same list of missing images: the main process lists the folder once all
     processes are here (none has written yet) and sends its list to the others; had each process listed the
@@ -433,30 +454,35 @@ def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Acceler
     """
     if not config.with_prior_preservation:
         return []
-    folder = Path(config.class_data_dir)
+    return [_concept_class_images(config, family, accelerator, resolution, concept) for concept in concepts]
+
+
+def _concept_class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int,
+                          concept: Concept) -> list[tuple[Path, Image.Image]]:
+    folder = Path(concept.class_data_dir)
     accelerator.wait_for_everyone()
-    missing = [missing_class_indices(folder, config.num_class_images) if accelerator.is_main_process else None]
+    missing = [missing_class_indices(folder, concept.num_class_images) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         missing = broadcast_object_list(missing, from_process=0)
     missing = missing[0]
     mine = missing[accelerator.process_index::accelerator.num_processes]
-    generate_class_images(family, folder, config.class_prompt, mine, config.sample_batch_size, config.seed,
+    generate_class_images(family, folder, concept.class_prompt, mine, config.sample_batch_size, config.seed,
                           resolution)
     accelerator.wait_for_everyone()  # every image is written before any process reads the folder
     if missing and accelerator.is_main_process:
         log.info("generated %d class images in %s", len(missing), folder)
-    return load_image_folder(folder, "class data folder")[:config.num_class_images]
+    return load_image_folder(folder, "class data folder")[:concept.num_class_images]
 
 
 @torch.no_grad()
-def _cached_prompts(config: TrainConfig, family: ModelFamily, device: torch.device) -> dict[str, Conditioning]:
-    """Prompt embeddings never change while the text encoder is frozen: compute them once."""
+def _cached_prompts(config: TrainConfig, family: ModelFamily, device: torch.device,
+                    concepts: list[Concept]) -> dict[tuple[str, int], Conditioning]:
+    """Prompt embeddings never change while the text encoder is frozen: compute them once per concept."""
     if config.train_text_encoder:
         return {}
-    prompts = {"instance": config.instance_prompt}
-    if config.with_prior_preservation:
-        prompts["class"] = config.class_prompt
-    return {name: family.encode_prompts([text], device).detach() for name, text in prompts.items()}
+    kinds = ("instance", "class") if config.with_prior_preservation else ("instance",)
+    return {(kind, k): family.encode_prompts([_prompt_text(concept, kind)], device).detach()
+            for k, concept in enumerate(concepts) for kind in kinds}
 
 
 def _resolved(config: TrainConfig, family: ModelFamily, resolution: int, accelerator: Accelerator) -> dict:

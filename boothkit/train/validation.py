@@ -12,9 +12,11 @@ from boothkit.layout import VALIDATION_DIR
 from boothkit.seeding import image_generators
 
 
-def validation_image_names(step: int, count: int) -> list[str]:
-    """`validation/step-NNNNNN_i.png`, relative to the output folder."""
-    return [f"{VALIDATION_DIR}/step-{step:06d}_{index}.png" for index in range(count)]
+def validation_image_names(step: int, count: int, concept: int | None = None) -> list[str]:
+    """`validation/step-NNNNNN_i.png` (several concepts: `validation/concept-K/step-NNNNNN_i.png`), relative to
+    the output folder."""
+    folder = VALIDATION_DIR if concept is None else f"{VALIDATION_DIR}/concept-{concept}"
+    return [f"{folder}/step-{step:06d}_{index}.png" for index in range(count)]
 
 
 @torch.no_grad()
