@@ -114,3 +114,51 @@ def test_sample_command_on_a_full_model(sd15, full_model, tmp_path, run_cli):
                      "--prompt", PROMPTS[0], "--output_dir", str(tmp_path / "d"), "--num_inference_steps", "2")
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "d" / "samples.json").read_text())[0]["weak_lora"] == str(full_model / "weak")
+
+
+def test_evaluate_scores_a_full_model_with_each_method(sd15, full_model, tmp_path, run_cli, monkeypatch):
+    """A subject folder that is a fully fine-tuned model (next to LoRA subjects) evaluates with cfg, ag (its
+    weak/ modules) and wig (towards --pretrained_model_name_or_path); a changed model is never answered from
+    the cache."""
+    import shutil
+
+    from boothkit.data.images import sample_subject_dir
+    from boothkit.testing.tiny import build_tiny
+    from test_evaluate import PROMPTS as EVAL_PROMPTS
+    from test_evaluate import read_summary
+
+    instance, models = tmp_path / "instance", tmp_path / "models"
+    shutil.copytree(sample_subject_dir(), instance / "dog2")
+    shutil.copytree(full_model, models / "dog2", ignore=shutil.ignore_patterns("checkpoint-*", "validation"))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(EVAL_PROMPTS))
+    scorers = {kind: build_tiny(kind, tmp_path / kind, seed=0) for kind in ("dino", "clip")}
+
+    def evaluate(method: str, out: Path, *extra: str):
+        result = run_cli("evaluate", "--pretrained_model_name_or_path", str(sd15), "--lora_base_dir", str(models),
+                         "--instance_data_dir", str(instance), "--evaluation_prompts_path", str(prompts),
+                         "--output_dir", str(out), "--dino_model", str(scorers["dino"]), "--clip_model",
+                         str(scorers["clip"]), "--num_inference_steps", "2", "--max_prompts", "1", "--method", method,
+                         "--max_evaluations", "2", *extra)
+        assert result.code == 0, result.err
+        return result
+
+    for method, extra in (("cfg", ()), ("ag", ()), ("wig", ("--omega_grid", "0", "1"))):
+        evaluate(method, tmp_path / f"eval-{method}", *extra)
+        rows = read_summary(tmp_path / f"eval-{method}")
+        assert rows and all(float(row["DINO"]) == float(row["DINO"]) for row in rows), method  # finite scores
+    from boothkit.evaluate.runner import Evaluator
+
+    sampled: list[str] = []
+    sample = Evaluator.sample
+    monkeypatch.setattr(Evaluator, "sample", lambda self, subject, setting: sampled.append(subject.folder)
+                        or sample(self, subject, setting))
+    evaluate("cfg", tmp_path / "eval-cfg")
+    assert sampled == []  # the same model: answered from the cache
+    weights = models / "dog2" / "unet" / "diffusion_pytorch_model.safetensors"  # change the model: no cache hit
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(weights)
+    save_file({key: value * 1.01 if key.endswith("conv_in.weight") else value for key, value in state.items()}, weights)
+    evaluate("cfg", tmp_path / "eval-cfg")
+    assert sampled == ["dog2"]

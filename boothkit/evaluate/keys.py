@@ -21,6 +21,8 @@ Computing a key reads files (their digests are memoised per process) but loads n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from importlib import metadata
 
 from boothkit import identity
@@ -65,8 +67,8 @@ class EvaluationKeys:
         if subject.folder not in self._subjects:
             self._subjects[subject.folder] = {
                 "references": identity.files_digest(subject.references),
-                "lora": identity.file_digest(subject.lora),
-                "weak": identity.file_digest(subject.weak) if subject.weak is not None else None,
+                "lora": _weights_digest(subject.lora),
+                "weak": _weights_digest(subject.weak) if subject.weak is not None else None,
                 "prompts": list(subject.prompts), "text_options": list(subject.text),
             }
         return self._subjects[subject.folder]
@@ -86,3 +88,14 @@ class EvaluationKeys:
             "subject": self.subject_identity(subject),
             "guidance_scale": _number(setting.guidance_scale), "omega": _number(setting.omega),
         })[:KEY_LENGTH]
+
+
+def _weights_digest(path: Path) -> str:
+    """A LoRA file's digest, or a fully fine-tuned model's (every weight and config file of its folder, weak/
+    and checkpoints aside: they are not the model)."""
+    if path.is_file():
+        return identity.file_digest(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")
+                   and p.relative_to(path).parts[0] not in ("weak", "validation")
+                   and not p.relative_to(path).parts[0].startswith(("checkpoint-", ".")))
+    return identity.files_digest(files, root=path)

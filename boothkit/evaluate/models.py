@@ -15,6 +15,7 @@ from boothkit.evaluate.config import EvaluateConfig
 from boothkit.evaluate.metrics import ReferenceEmbeddings, SubjectMetrics
 from boothkit.evaluate.subjects import Subject
 from boothkit.families import FamilyOptions, ModelFamily, load_family, weights_dtype
+from boothkit.guidance.full_model import WeightVariants, load_weight_variants
 from boothkit.guidance.rules import Guidance
 from boothkit.guidance.sampler import SamplerSettings, load_guidance_adapters
 from boothkit.guidance.settings import sampler_settings
@@ -28,6 +29,9 @@ class Models:
         self._subject: str | None = None
         self._family: ModelFamily | None = None  # the base family with the current subject's text options
         self.adapters: list[str] = []
+        self._full_key: tuple[str, str] | None = None  # the fully fine-tuned subject loaded (folder, method)
+        self._full: ModelFamily | None = None
+        self._variants: WeightVariants | None = None  # its weak/interpolated weights
         self._references: dict[str, ReferenceEmbeddings] = {}
 
     @cached_property
@@ -47,9 +51,12 @@ class Models:
     def metrics(self) -> SubjectMetrics:
         return SubjectMetrics(self.config.dino_model, self.config.clip_model, device=self.device)
 
-    def family_for(self, subject: Subject, guidance: Guidance) -> tuple[ModelFamily, list[str]]:
+    def family_for(self, subject: Subject, guidance: Guidance) -> tuple[ModelFamily, list[str], WeightVariants | None]:
         """The family with `subject`'s LoRAs loaded (fine, and weak when `guidance` needs it) and its prompts
-        embedded as that LoRA was trained; and the names of the active adapters."""
+        embedded as that LoRA was trained; the names of the active adapters; for a fully fine-tuned subject, its
+        own pipeline and the weight variants the rule needs (`guidance.full_model`)."""
+        if subject.full_model:
+            return self._full_model(subject, guidance)
         if self._subject != subject.folder:
             base = self.base
             if self._subject is not None:
@@ -58,7 +65,21 @@ class Models:
             self.adapters = load_guidance_adapters(base, str(subject.lora), weak, guidance)
             self._family = base.with_options(base.options.with_text(*subject.text))
             self._subject = subject.folder
-        return self._family, self.adapters
+        return self._family, self.adapters, None
+
+    def _full_model(self, subject: Subject, guidance: Guidance):
+        key = (subject.folder, guidance.method)
+        if self._full_key != key:
+            config = self.config
+            family = load_family(str(subject.lora), None, None, weights_dtype(config.mixed_precision, self.device),
+                                 FamilyOptions.from_config(config))
+            variants = load_weight_variants(family, config.pretrained_model_name_or_path,
+                                            str(subject.weak) if subject.weak else None, guidance.method == "wig",
+                                            guidance.needs_weak, config.revision) \
+                if guidance.method in ("wig", "ag") else None
+            family.pipeline.to(self.device)
+            self._full, self._variants, self._full_key = family, variants, key
+        return self._full, [], self._variants
 
     def references(self, subject: Subject) -> ReferenceEmbeddings:
         """The subject's reference photos, embedded once."""

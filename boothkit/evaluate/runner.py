@@ -41,8 +41,8 @@ class Evaluator:
         config = self.config
         guidance = make_guidance(config.method, setting.guidance_scale, config.cfg_scale,
                                  setting.omega if setting.omega is not None else 1.0, config.guidance_rescale)
-        family, adapters = self.models.family_for(subject, guidance)
-        sampler = GuidedSampler(family, guidance, self.models.settings, adapters)
+        family, adapters, variants = self.models.family_for(subject, guidance)
+        sampler = GuidedSampler(family, guidance, self.models.settings, adapters, variants)
         return sampler.generate(list(subject.prompts), config.negative_prompt, config.num_images_per_prompt,
                                 config.seed)
 

@@ -31,13 +31,18 @@ class Subject:
     entry: SubjectEntry
     prompts: tuple[str, ...]
     references: tuple[Path, ...]  # the reference photos scored against
-    lora: Path  # the fine LoRA file
-    weak: Path | None  # the weak LoRA file (--method ag), else None
+    lora: Path  # the fine LoRA file, or the folder of a fully fine-tuned model (`full_model`)
+    weak: Path | None  # the weak LoRA file, or a full model's weak/ folder (--method ag), else None
     text: tuple[int, bool]  # (max_sequence_length, complex_human_instruction) as the LoRA was trained
 
     @property
     def folder(self) -> str:
         return self.entry.folder
+
+    @property
+    def full_model(self) -> bool:
+        """A fully fine-tuned model (`train --train_mode full`): a pipeline folder instead of a LoRA."""
+        return self.lora.is_dir()
 
 
 def resolve_subjects(config: EvaluateConfig, prompts: EvaluationPrompts, entries: list[SubjectEntry]
@@ -47,6 +52,9 @@ def resolve_subjects(config: EvaluateConfig, prompts: EvaluationPrompts, entries
     weak_for = _weak_resolver(config, entries) if config.method == "ag" else (lambda entry: None)
     subjects = []
     for entry in entries:
+        if is_full_model(entry.lora_dir):
+            subjects.append(_full_model_subject(config, prompts, entry))
+            continue
         texts = prompts.prompts_for(entry.subject, config.identifier)
         subjects.append(Subject(
             entry=entry, prompts=tuple(texts[: config.max_prompts] if config.max_prompts else texts),
@@ -54,6 +62,23 @@ def resolve_subjects(config: EvaluateConfig, prompts: EvaluationPrompts, entries
             lora=existing_lora_file(entry.lora_dir, f"LoRA folder of subject '{entry.folder}'"),
             weak=weak_for(entry), text=text_options(config, entry.lora_dir)))
     return subjects
+
+
+def is_full_model(folder: str | Path) -> bool:
+    return (Path(folder) / "model_index.json").is_file()
+
+
+def _full_model_subject(config: EvaluateConfig, prompts: EvaluationPrompts, entry: SubjectEntry) -> Subject:
+    """A subject whose folder is a fully fine-tuned model: AG uses its `weak/` modules, WIG interpolates towards
+    `--pretrained_model_name_or_path` (the base model)."""
+    texts = prompts.prompts_for(entry.subject, config.identifier)
+    weak = Path(config.weak_checkpoint_path or layout.weak_dir(entry.lora_dir)) if config.method == "ag" else None
+    if weak is not None and not weak.is_dir():
+        raise BoothkitError(f"--method ag needs a weak checkpoint for subject '{entry.folder}': '{weak}' is no folder "
+                            "(train with --weak_checkpoint_step, or pass --weak_checkpoint_path)")
+    return Subject(entry=entry, prompts=tuple(texts[: config.max_prompts] if config.max_prompts else texts),
+                   references=tuple(list_image_files(entry.images_dir, f"subject folder '{entry.folder}'")),
+                   lora=Path(entry.lora_dir), weak=weak, text=(config.max_sequence_length, config.complex_human_instruction))
 
 
 def _weak_resolver(config: EvaluateConfig, entries: list[SubjectEntry]):
