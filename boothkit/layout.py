@@ -53,15 +53,16 @@ def lora_file(path: str | os.PathLike) -> Path:
     return path if path.is_file() else path / LORA_WEIGHT_NAME
 
 
-def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """A one-file output (`export`, `merge`): a `.safetensors` path whose folder exists or can be made. An
-    existing file is replaced only when boothkit wrote it (its metadata says so) and `--overwrite` is given;
-    a file boothkit did not write is never replaced."""
+def check_output_file(path: str | os.PathLike, *, overwrite: bool, suffixes: tuple[str, ...] = (".safetensors",)
+                      ) -> Path:
+    """A one-file output (`export`, `merge`): a path ending in one of `suffixes` (default `.safetensors`) whose
+    folder exists or can be made. An existing file is replaced only when boothkit wrote it (its metadata says so)
+    and `--overwrite` is given; a file boothkit did not write is never replaced."""
     from boothkit.formats.metadata import written_by_boothkit
 
     target = Path(path).expanduser()
-    if target.suffix.lower() != ".safetensors":
-        raise BoothkitError(f"--output '{path}' must be a .safetensors file")
+    if target.suffix.lower() not in suffixes:
+        raise BoothkitError(f"--output '{path}' must be a {' or '.join(suffixes)} file")
     if target.is_dir():
         raise BoothkitError(f"--output '{path}' is a folder; give a file name")
     if target.exists() or target.is_symlink():

@@ -101,6 +101,10 @@ def write(layers: dict[str, LoraLayerWeights], base: BaseModel, layout: str, dty
 
 
 def run_export(config: ExportConfig) -> int:
+    if config.format == "single_file":
+        from boothkit.formats.single_file import run_single_file
+
+        return run_single_file(config)
     target = check_output_file(config.output, overwrite=config.overwrite)
     check_not_input(target, [config.source])
     lora, base = load_for(config.source, resolve_base(config.source, config.pretrained_model_name_or_path,

@@ -23,12 +23,23 @@ class BaseModelOption(CommandConfig):
 class ExportConfig(BaseModelOption):
     source: str = Field(description="A LoRA file, or a training output folder (its final LoRA).",
                         json_schema_extra=_POSITIONAL)
-    format: Literal["kohya", "diffusers"] = Field(
+    format: Literal["kohya", "diffusers", "single_file"] = Field(
         "kohya", description="kohya: what A1111, Forge, ComfyUI and kohya read; diffusers: PEFT keys, what "
-                             "diffusers' load_lora_weights reads.")
-    output: str = Field(description="The .safetensors file to write.")
+                             "diffusers' load_lora_weights reads; single_file: a whole SD 1.x/2.x/SDXL model (SOURCE "
+                             "a pipeline folder, or a LoRA with --fuse_lora) as one checkpoint in the original "
+                             "layout (A1111, ComfyUI, InvokeAI, diffusers' from_single_file).")
+    output: str = Field(description="The .safetensors file to write (--format single_file: or a .ckpt).")
     dtype: Literal[DTYPES] = Field("fp16", description="Tensor type of the file: fp16, bf16 or fp32 (exact).")
     overwrite: bool = Field(False, description="Replace --output if boothkit wrote it (never a file it did not).")
+    fuse_lora: bool = Field(False, description="--format single_file: fuse the LoRA SOURCE into its base model "
+                                               "(--pretrained_model_name_or_path, else the one it records).")
+    lora_scale: float = Field(1.0, allow_inf_nan=False, description="The LoRA's scale for --fuse_lora.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExportConfig":
+        if (self.fuse_lora or self.lora_scale != 1.0) and self.format != "single_file":
+            raise ValueError("--fuse_lora and --lora_scale go with --format single_file")
+        return self
 
 
 class InfoConfig(CommandConfig):

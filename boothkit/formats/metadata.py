@@ -164,6 +164,10 @@ def written_by_boothkit(path: Path) -> bool:
     else, unreadable files included."""
     from safetensors import SafetensorError, safe_open
 
+    if path.suffix.lower() == ".ckpt":
+        from boothkit.formats.single_file import ckpt_written_by_boothkit
+
+        return ckpt_written_by_boothkit(path)
     try:
         with safe_open(str(path), framework="np") as handle:
             metadata = handle.metadata() or {}
