@@ -52,11 +52,15 @@ def _flag_values(annotation, value: str) -> list[str]:
 
 def _required_flags(schema, folder: Path) -> list[str]:
     """Valid values for the schema's required fields (paths inside `folder` that do not exist)."""
-    flags = []
+    flags, positional = [], []
     for name, field in schema.model_fields.items():
         if field.is_required():
             value = "1" if field.annotation in (int, float) else str(folder / f"missing-{name}")
-            flags += [f"--{name}", value]
+            if (field.json_schema_extra or {}).get("positional"):
+                positional.append(value)
+            else:
+                flags += [f"--{name}", value]
+    flags = positional + flags
     if "prompt" in schema.model_fields:
         flags += ["--prompt", "a photo of sks dog"]
     return flags
