@@ -36,6 +36,7 @@ MODEL_IDS = {
     "stabilityai/stable-diffusion-2-1-base": "sd15",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
     "madebyollin/sdxl-vae-fp16-fix": "sdxl",  # a VAE: the tiny SDXL's vae/ folder serves (`load_vae`)
+    "stabilityai/sd-vae-ft-mse": "sd15",  # a VAE: the tiny SD 1.5's vae/ folder serves
     "Efficient-Large-Model/Sana_1600M_1024px_diffusers": "sana",
     "Efficient-Large-Model/Sana_600M_512px_diffusers": "sana",
     "facebook/dino-vits16": "dino",
@@ -43,6 +44,7 @@ MODEL_IDS = {
     "openai/clip-vit-base-patch32": "clip",
 }
 MODEL_FLAGS = {"--pretrained_model_name_or_path", "--pretrained_model_path", "--pretrained_vae_model_name_or_path",
+               "--base_model",
                "--dino_model", "--clip_model"}
 
 # Amounts only: steps, images, evaluations. The metric models are the tiny ones (the defaults are hub ids).
@@ -61,6 +63,7 @@ USER_INPUTS = {
     ("score", "--references"): "photos",
     ("evaluate", "--instance_data_dir"): "photos per subject",
     ("evaluate", "--evaluation_prompts_path"): "prompts per subject",
+    ("train", "--concepts_list"): "concepts",
 }
 EVALUATION_PROMPTS = ["a <subject> in the snow", "a <subject> on the beach"]
 # Commands whose positional PATH[:WEIGHT] arguments are LoRAs: one the user brings (a style LoRA) is made, when
@@ -124,6 +127,16 @@ class Workspace:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(lora_file(existing[0]), path)
 
+    def provide_concepts(self, path: Path) -> None:
+        text = README.read_text(encoding="utf-8")
+        concepts = json.loads(re.search(r"^```json\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL).group(1))
+        for concept in concepts:
+            photos = self.root / concept["instance_data_dir"]
+            if not photos.exists():
+                shutil.copytree(sample_subject_dir(), photos)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(concepts))
+
     def provide_inputs(self, command: str, args: list[str]) -> None:
         self.provide_loras(command, args)
         values = {flag: args[index + 1] for index, flag in enumerate(args[:-1]) if flag.startswith("--")}
@@ -136,6 +149,8 @@ class Workspace:
             elif kind == "photos per subject":  # one photo folder per LoRA folder, with the same name
                 for lora in sorted(p for p in (self.root / values["--lora_base_dir"]).iterdir() if p.is_dir()):
                     shutil.copytree(sample_subject_dir(), path / lora.name)
+            elif kind == "concepts":  # the README's concepts.json, with its photo folders
+                self.provide_concepts(path)
             elif kind == "prompts per subject":  # a per-subject JSON naming each photo folder
                 folders = sorted(p.name for p in (self.root / values["--instance_data_dir"]).iterdir() if p.is_dir())
                 path.write_text(json.dumps({folder: EVALUATION_PROMPTS for folder in folders}))
@@ -159,6 +174,7 @@ def test_every_readme_command_runs_as_written_on_a_cpu(tmp_path, monkeypatch, ca
         assert code == 0, f"boothkit {shlex.join(args)}\n{captured.err[-2000:]}"
         if args[0] == "train":
             output_dir = Path(args[args.index("--output_dir") + 1])
-            assert (output_dir / "pytorch_lora_weights.safetensors").is_file()
+            full = "--train_mode" in args and args[args.index("--train_mode") + 1] == "full"
+            assert (output_dir / ("model_index.json" if full else "pytorch_lora_weights.safetensors")).is_file()
         if args[0] == "score":
             assert {"DINO", "CLIP-I", "CLIP-T"} <= set(json.loads(captured.out))

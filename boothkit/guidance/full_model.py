@@ -98,8 +98,9 @@ def load_weight_variants(family: ModelFamily, base_model: str | None, weak_dir: 
     offsets = {}
     if needs_pre:
         if not base_model:
-            raise BoothkitError("--method wig on a fully fine-tuned model interpolates towards the base model: pass "
-                                "--base_model (the model the fine-tuning started from)")
+            raise BoothkitError("--method wig guides a personalized model: pass --lora_dir (or --lora) for a LoRA, or, "
+                                "when --pretrained_model_name_or_path is a fully fine-tuned model, --base_model (the "
+                                "model its fine-tuning started from)")
         base = load_family(base_model, revision, torch_dtype=family.denoiser.dtype)
         other = {family.denoiser_name: base.denoiser, **base.named_text_encoders}
         offsets[PRE] = _merged(offsets_to(module, other[name]) for name, module in modules.items())
@@ -114,8 +115,9 @@ def _weak_modules(family: ModelFamily, modules: dict[str, torch.nn.Module], weak
     folder = Path(weak_dir or Path(family.source) / "weak")
     found = [name for name in modules if (folder / name / "config.json").is_file()]
     if not found:
-        raise BoothkitError(f"--method ag needs a weak checkpoint: '{folder}' holds no trained module folder (unet/, "
-                            "transformer/, text_encoder/); train with --weak_checkpoint_step, or pass "
+        raise BoothkitError(f"--method ag needs a fine and a weak model: pass --lora_dir (or --lora) for a LoRA with "
+                            f"its weak/; for a fully fine-tuned model, '{folder}' holds no trained module folder (unet/, "
+                            "transformer/, text_encoder/): train with --weak_checkpoint_step, or pass "
                             "--weak_checkpoint_path")
     for name in found:
         module = modules[name]
