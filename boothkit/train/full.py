@@ -105,8 +105,10 @@ def save_full_pipeline(folder: OutputFolder, config: TrainConfig, family: ModelF
     base model as it stores them."""
     pipeline_class = type(family.pipeline)
     components = dict(trainable)
-    if config.pretrained_vae_model_name_or_path:
-        components["vae"] = family.vae
+    if config.pretrained_vae_model_name_or_path:  # as its source stores it (the run may hold it in fp16)
+        from boothkit.families import load_vae
+
+        components["vae"] = load_vae(config.pretrained_vae_model_name_or_path)
     pipeline = pipeline_class.from_pretrained(config.pretrained_model_name_or_path, revision=config.revision,
                                               variant=config.variant, **family.load_kwargs(), **components)
     with tempfile.TemporaryDirectory(dir=folder.root, prefix=TMP_PREFIX) as staging:
