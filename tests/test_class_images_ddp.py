@@ -27,9 +27,8 @@ import json, os, sys, time
 from pathlib import Path
 
 import boothkit.train.class_images as class_images
-import boothkit.train.trainer as trainer
 
-listing, generating = class_images.existing_class_images, trainer.generate_class_images
+listing, generating = class_images.existing_class_images, class_images.generate_class_images
 rank = os.environ["RANK"]
 
 def slow_listing(folder):
@@ -45,7 +44,7 @@ def recorded_generation(family, folder, prompt, indices, *args, **kwargs):
     return generating(family, folder, prompt, indices, *args, **kwargs)
 
 class_images.existing_class_images = slow_listing
-trainer.generate_class_images = recorded_generation
+class_images.generate_class_images = recorded_generation
 from boothkit.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -7,15 +7,21 @@ same images as an uninterrupted one; images already in the folder (the user's or
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from PIL import Image
 from tqdm.auto import tqdm
 
-from boothkit.data.images import IMAGE_SUFFIXES
+from boothkit.data.images import IMAGE_SUFFIXES, load_image_folder
 from boothkit.families.base import ModelFamily
 from boothkit.io import save_image_atomic
 from boothkit.seeding import image_generators
+
+log = logging.getLogger(__name__)
 
 
 def existing_class_images(folder: Path) -> list[Path]:
@@ -62,3 +68,35 @@ def generate_class_images(family: ModelFamily, folder: Path, prompt: str, indice
         bar.update(len(chunk))
     bar.close()
     return len(indices)
+
+
+def concept_class_images(config, family: ModelFamily, accelerator: Accelerator, resolution: int,
+                         concepts: list) -> list[list[tuple[Path, Image.Image]]]:
+    """Each concept's class images: the missing ones generated (split across processes), then its first
+    `num_class_images`.
+
+    Every process must split the same list of missing images: the main process lists the folder once all
+    processes are here (none has written yet) and sends its list to the others; had each process listed the
+    folder itself, a fast one could already have written images that a slow one then no longer counts as
+    missing, and the two would split different lists (some images never made, others made twice).
+    """
+    if not config.with_prior_preservation:
+        return []
+    return [_one_concept(config, family, accelerator, resolution, concept) for concept in concepts]
+
+
+def _one_concept(config, family: ModelFamily, accelerator: Accelerator, resolution: int,
+                 concept) -> list[tuple[Path, Image.Image]]:
+    folder = Path(concept.class_data_dir)
+    accelerator.wait_for_everyone()
+    missing = [missing_class_indices(folder, concept.num_class_images) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        missing = broadcast_object_list(missing, from_process=0)
+    missing = missing[0]
+    mine = missing[accelerator.process_index::accelerator.num_processes]
+    generate_class_images(family, folder, concept.class_prompt, mine, config.sample_batch_size, config.seed,
+                          resolution)
+    accelerator.wait_for_everyone()  # every image is written before any process reads the folder
+    if missing and accelerator.is_main_process:
+        log.info("generated %d class images in %s", len(missing), folder)
+    return load_image_folder(folder, "class data folder")[:concept.num_class_images]

@@ -20,7 +20,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from diffusers.training_utils import EMAModel
-from PIL import Image
 from tqdm.auto import tqdm
 
 from boothkit import seeding
@@ -31,7 +30,7 @@ from boothkit.families.base import Conditioning
 from boothkit.layout import (LORA_WEIGHT_NAME, TRAIN_LOG_NAME, WEAK_DIR, OutputFolder, check_output_folder,
                              lora_file, weak_dir)
 from boothkit.train import checkpoint as ckpt
-from boothkit.train.class_images import generate_class_images, missing_class_indices
+from boothkit.train.class_images import concept_class_images
 from boothkit.train.concepts import Concept, ConceptImages, RowPicker, concepts_of
 from boothkit.train.config import TrainConfig
 from boothkit.train import full
@@ -310,7 +309,7 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
         raise BoothkitError(f"--resolution {resolution} must be a multiple of {family.resolution_multiple} for "
                             f"{family.name} models")
     warn_small_images(images.all_instance_files, resolution)
-    images.class_files = _class_images(config, family, accelerator, resolution, images.concepts)
+    images.class_files = concept_class_images(config, family, accelerator, resolution, images.concepts)
     instance_files, class_files = images.all_instance_files, images.all_class_files
     targets = full.full_targets(config, family) if config.train_mode == "full" else lora_targets(config, family)
     identity = None
@@ -440,38 +439,6 @@ def _accelerator(config: TrainConfig) -> Accelerator:
                                   config.pretrained_model_name_or_path)
         precision = family.default_gpu_precision  # SANA: bf16 (fp16 gives NaNs)
     return Accelerator(mixed_precision=precision)
-
-
-def _class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int,
-                  concepts: list[Concept]) -> list[list[tuple[Path, Image.Image]]]:
-    """Each concept's class images: the missing ones generated (split across processes), then its first
-    `num_class_images`.
-
-    Every process must split the same list of missing images: the main process lists the folder once all
-    processes are here (none has written yet) and sends its list to the others; had each process listed the
-    folder itself, a fast one could already have written images that a slow one then no longer counts as
-    missing, and the two would split different lists (some images never made, others made twice).
-    """
-    if not config.with_prior_preservation:
-        return []
-    return [_concept_class_images(config, family, accelerator, resolution, concept) for concept in concepts]
-
-
-def _concept_class_images(config: TrainConfig, family: ModelFamily, accelerator: Accelerator, resolution: int,
-                          concept: Concept) -> list[tuple[Path, Image.Image]]:
-    folder = Path(concept.class_data_dir)
-    accelerator.wait_for_everyone()
-    missing = [missing_class_indices(folder, concept.num_class_images) if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        missing = broadcast_object_list(missing, from_process=0)
-    missing = missing[0]
-    mine = missing[accelerator.process_index::accelerator.num_processes]
-    generate_class_images(family, folder, concept.class_prompt, mine, config.sample_batch_size, config.seed,
-                          resolution)
-    accelerator.wait_for_everyone()  # every image is written before any process reads the folder
-    if missing and accelerator.is_main_process:
-        log.info("generated %d class images in %s", len(missing), folder)
-    return load_image_folder(folder, "class data folder")[:concept.num_class_images]
 
 
 @torch.no_grad()
