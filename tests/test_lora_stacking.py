@@ -10,9 +10,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from boothkit.families import load_family
@@ -21,6 +18,7 @@ from boothkit.guidance.config import SampleConfig, parse_lora
 from boothkit.guidance.rules import make_guidance
 from boothkit.guidance.sampler import GuidedSampler, SamplerSettings, load_guidance_adapters
 from test_sample import error_line
+from test_sdxl import write_random_lora
 
 PROMPTS = ["a photo of sks dog", "a sks dog in the snow"]
 SUBJECT, STYLE = 0.8, 0.6  # weights of the subject LoRA and of the other ("style") LoRA
@@ -28,22 +26,8 @@ SUBJECT, STYLE = 0.8, 0.6  # weights of the subject LoRA and of the other ("styl
 
 def write_style_lora(model: Path, out: Path, seed: int) -> Path:
     """A LoRA with random nonzero weights on the UNet and text encoder, α/r = 0.5 (so a weight is not α/r)."""
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    generator = torch.Generator().manual_seed(seed)
-    layers = {}
-    for name, targets in {"unet": ["to_k", "to_q", "to_v", "to_out.0"],
-                          "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}.items():
-        module = getattr(pipe, name)
-        module.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=targets, init_lora_weights="gaussian"))
-        with torch.no_grad():
-            for key, parameter in module.named_parameters():
-                if "lora_B" in key:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-        config = module.peft_config["default"].to_dict()  # the file records α = 2 (diffusers' adapter metadata)
-        layers[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    StableDiffusionPipeline.save_lora_weights(out, safe_serialization=True, **layers)
-    return out
+    return write_random_lora(model, out, seed, StableDiffusionPipeline, alpha=2, std=0.5, safety_checker=None,
+                             requires_safety_checker=False)
 
 
 @pytest.fixture(scope="module")

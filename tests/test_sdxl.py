@@ -34,23 +34,28 @@ def sdxl(tmp_path_factory) -> Path:
     return build_tiny("sdxl", tmp_path_factory.mktemp("sdxl") / "model", seed=0)
 
 
-def write_random_lora(model: Path, out: Path, seed: int) -> None:
-    """LoRA on the UNet and both text encoders with random nonzero weights, saved by the SDXL pipeline's saver."""
-    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+def write_random_lora(model: Path, out: Path, seed: int, pipeline_class=StableDiffusionXLPipeline, alpha: float = 4,
+                      std: float = 0.3, **load_kwargs) -> Path:
+    """LoRA (rank 4, `alpha`) on the UNet and every text encoder with random nonzero weights (B ~ N(0, std²)),
+    saved by the pipeline's own saver with its adapter metadata (so the file records alpha)."""
+    pipe = pipeline_class.from_pretrained(model, **load_kwargs)
     generator = torch.Generator().manual_seed(seed)
     targets = {"unet": ["to_k", "to_q", "to_v", "to_out.0"],
-               "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"],
-               "text_encoder_2": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+               **{name: ["q_proj", "k_proj", "v_proj", "out_proj"] for name in ("text_encoder", "text_encoder_2")
+                  if getattr(pipe, name, None) is not None}}
     layers = {}
     for name, modules in targets.items():
         module = getattr(pipe, name)
-        module.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=modules, init_lora_weights="gaussian"))
+        module.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=modules, init_lora_weights="gaussian"))
         with torch.no_grad():
             for key, parameter in module.named_parameters():
                 if "lora_B" in key:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
         layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-    StableDiffusionXLPipeline.save_lora_weights(out, safe_serialization=True, **layers)
+        config = module.peft_config["default"].to_dict()
+        layers[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    pipeline_class.save_lora_weights(out, safe_serialization=True, **layers)
+    return out
 
 
 @pytest.fixture(scope="module")
