@@ -108,3 +108,15 @@ def test_full_mode_options_are_checked(sd15, instance_dir, tmp_path, run_cli):
     result = run_cli(*train_args(sd15, instance_dir, user, *FULL, "--max_train_steps", 1, "--overwrite"))
     assert_one_line_error(result, "unet/notes.txt", "boothkit did not write it")
     assert (user / "unet" / "notes.txt").read_text() == "mine"
+
+
+def test_a_bf16_run_saves_the_frozen_components_as_the_base_stores_them(sd15, instance_dir, tmp_path, run_cli):
+    """Frozen modules held in bf16 for the run are saved from their source (not rounded); the trained UNet in its
+    float32 master weights."""
+    out = tmp_path / "bf16"
+    assert run_cli(*train_args(sd15, instance_dir, out, *FULL, "--max_train_steps", 2,
+                               "--mixed_precision", "bf16")).code == 0
+    for component, file in (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        saved, base = load_file(out / component / file), load_file(Path(sd15) / component / file)
+        assert saved.keys() == base.keys() and all(torch.equal(saved[key], base[key]) for key in base), component
+    assert {value.dtype for value in load_file(out / UNET).values()} == {torch.float32}

@@ -101,19 +101,37 @@ def save_trained_modules(folder: OutputFolder, trainable: dict[str, torch.nn.Mod
 
 def save_full_pipeline(folder: OutputFolder, config: TrainConfig, family: ModelFamily,
                        trainable: dict[str, torch.nn.Module]) -> None:
-    """The output folder as a diffusers pipeline: the trained modules, the other components loaded from the
-    base model as it stores them."""
-    pipeline_class = type(family.pipeline)
-    components = dict(trainable)
-    if config.pretrained_vae_model_name_or_path:  # as its source stores it (the run may hold it in fp16)
+    """The output folder as a diffusers pipeline: the trained modules, and the other components as the base
+    model stores them — the ones in memory when they are float32 (exact whatever the stored dtype), a frozen
+    module held in fp16/bf16 for the run loaded again from its source (no second copy of the rest)."""
+    pipeline = family.pipeline
+    held = {}
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module) and name not in trainable and \
+                any(p.dtype != torch.float32 for p in component.parameters()):
+            held[name] = component
+            pipeline.register_modules(**{name: _stored_component(config, name, component)})
+    try:
+        with tempfile.TemporaryDirectory(dir=folder.root, prefix=TMP_PREFIX) as staging:
+            pipeline.save_pretrained(staging, safe_serialization=True)
+            folder.adopt(Path(staging))
+    finally:
+        pipeline.register_modules(**held)
+
+
+def _stored_component(config: TrainConfig, name: str, component: torch.nn.Module) -> torch.nn.Module:
+    if name == "vae" and config.pretrained_vae_model_name_or_path:
         from boothkit.families import load_vae
 
-        components["vae"] = load_vae(config.pretrained_vae_model_name_or_path)
-    pipeline = pipeline_class.from_pretrained(config.pretrained_model_name_or_path, revision=config.revision,
-                                              variant=config.variant, **family.load_kwargs(), **components)
-    with tempfile.TemporaryDirectory(dir=folder.root, prefix=TMP_PREFIX) as staging:
-        pipeline.save_pretrained(staging, safe_serialization=True)
-        folder.adopt(Path(staging))
+        return load_vae(config.pretrained_vae_model_name_or_path)
+    return type(component).from_pretrained(config.pretrained_model_name_or_path, subfolder=name,
+                                           revision=config.revision, variant=config.variant)
+
+
+def release_optimizer_state(optimizer) -> None:
+    """The optimizer's moments (twice the trained weights) are not needed once training ends: free them before
+    the final save, which is the run's memory peak otherwise."""
+    getattr(optimizer, "optimizer", optimizer).state.clear()
 
 
 def pipeline_parts(config: TrainConfig, family: ModelFamily) -> list[str]:

@@ -100,6 +100,7 @@ def train(config: TrainConfig) -> TrainResult:
         run = _prepare(config, accelerator, folder, resume_path, images)
         loss = _train_steps(run)
         lora_path = lora_file(output_dir)
+        full.release_optimizer_state(run.optimizer)
         if main:
             _save_model(run, weak=False)
             _validate(run, config.max_train_steps)
