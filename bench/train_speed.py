@@ -31,29 +31,27 @@ betas/eps/weight decay, grad-norm clip 1.0, fp32 (no mixed precision on a CPU). 
 but is part of boothkit's peak RSS. The reference keeps gradients allocated between steps
 (`--set_grads_to_none` off), boothkit frees them.
 
-Measured (2 shared CPU cores, load average 4-5 from another engineer's tests and benchmark; sd bench model):
+Measured on a quiet machine (2 CPU cores, load average 0.7 at the start; sd bench model), after the final
+save stopped reloading the frozen components and the optimizer state is freed before it (the peak was there):
 
     python bench/train_speed.py --family sd --train_mode full --reference_script /work/ref/train_dreambooth.py \
-        --steps 8 32 --repeats 3
+        --steps 10 40 --repeats 3
 
     round  trainer     steps/s  steps/CPU-s  peak RSS GB
-    1      boothkit      -1.05         2.40         1.10
-    1      diffusers      0.29         0.37         1.08
-    2      boothkit       0.51         0.77         1.09
-    2      diffusers      0.61         0.48         1.07
-    3      boothkit       0.43         0.41         1.10
-    3      diffusers      1.17         0.88         1.08
-    speed ratio boothkit/diffusers: 0.37 (range -3.66-0.84)x (target >= 1.3x)
-    speed (CPU time) ratio boothkit/diffusers: 1.61 (range 0.46-6.45)x (target >= 1.3x)
-    memory ratio boothkit/diffusers: 1.02 (range 1.02-1.02)x (target <= 1.0x)
+    1      boothkit       6.00         3.08         1.07
+    1      diffusers      3.52         1.83         1.08
+    2      boothkit       5.85         3.03         1.07
+    2      diffusers      3.56         1.82         1.08
+    3      boothkit       5.80         3.02         1.06
+    3      diffusers      3.66         1.89         1.08
+    speed ratio boothkit/diffusers: 1.64 (range 1.59-1.70)x (target >= 1.3x)
+    speed (CPU time) ratio boothkit/diffusers: 1.66 (range 1.60-1.68)x (target >= 1.3x)
+    memory ratio boothkit/diffusers: 0.99 (range 0.98-1.00)x (target <= 1.0x)
 
-The memory ratio is stable (1.02, range 1.01-1.02, in an earlier `--steps 10 50` run too); the speed ratios are
-NOT a result: with runs this short under that load, a 32-step run once finished sooner than the 8-step one
-(negative steps/s), and the `--steps 10 50` run gave 1.57 (range 0.05-31). The progress bars of single runs
-under the same load showed ~1-1.5 s/step for boothkit and ~3.1 s/step for the reference. Measure the speed on
-a quiet machine with the default `--steps 20 120` (~3 s/step for the reference: ~15 minutes a round).
-boothkit's peak RSS is at the final save: training plateau 1083 MB, 1117 MB while `save_full_pipeline` loads
-the text encoder and VAE afresh from the base (the reference reuses its in-memory text encoder there).
+Under load (another engineer's tests and benchmark, load average 4-5) the same comparison with shorter runs gave
+no usable speed ratio (a 32-step run once finished sooner than an 8-step one), and a memory ratio of 1.02 before
+the final save was changed. The speed gain is the encoding the reference repeats every step (VAE and text
+encoder), so it grows with the resolution; a GPU measurement at 512 px is still to be made.
 """
 
 from __future__ import annotations
