@@ -63,6 +63,8 @@ def _required_flags(schema, folder: Path) -> list[str]:
     flags = positional + flags
     if "prompt" in schema.model_fields:
         flags += ["--prompt", "a photo of sks dog"]
+    if "lora_base_dir" in schema.model_fields:  # evaluate: --lora_base_dir or --lora_dir
+        flags += ["--lora_base_dir", str(folder / "missing-lora_base_dir")]
     if "instance_prompt" in schema.model_fields:  # required unless --concepts_list / --dataset_config
         flags += ["--instance_data_dir", str(folder / "missing-instance_data_dir"), "--instance_prompt", "a photo of sks dog"]
     return flags

@@ -154,3 +154,39 @@ def test_bad_dataset_configs_and_flag_mixes(sd15, two_subjects, tmp_path, run_cl
                           "concept 0, key 'class_prompt'")
     assert_one_line_error(run("--concepts_list", str(tmp_path / "missing.json")), "does not exist")
     assert_one_line_error(run(), "--instance_data_dir is required")
+
+
+def test_evaluate_scores_each_concept_with_its_own_identifier(sd15, two_subjects, tmp_path, run_cli, monkeypatch):
+    """One model trained on two concepts, evaluated per concept: `--lora_dir` for every subject folder, each
+    folder's prompts with its concept's token (from `--concepts_list`), and the cache keyed on it."""
+    from boothkit.evaluate.runner import Evaluator
+    from boothkit.testing.tiny import build_tiny
+
+    photos = tmp_path / "photos"
+    entries = [{"instance_prompt": "a photo of zwx dog", "instance_data_dir": str(photos / "dog")},
+               {"instance_prompt": "a photo of qkp dog", "instance_data_dir": str(photos / "dog2")}]
+    shutil.copytree(two_subjects["dog"], photos / "dog")
+    shutil.copytree(two_subjects["inverted"], photos / "dog2")
+    listing = tmp_path / "concepts.json"
+    listing.write_text(json.dumps(entries))
+    model = tmp_path / "model"
+    result = run_cli("train", "--pretrained_model_name_or_path", str(sd15), "--output_dir", str(model),
+                     "--concepts_list", str(listing), "--max_train_steps", "2", "--checkpointing_steps", "100")
+    assert result.code == 0, result.err
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"subjects": ["dog"], "prompts": ["a <subject> in the snow"]}))  # dog2 -> dog
+    scorers = {kind: build_tiny(kind, tmp_path / kind, seed=0) for kind in ("dino", "clip")}
+    sampled = {}
+    sample = Evaluator.sample
+    monkeypatch.setattr(Evaluator, "sample", lambda self, subject, setting: sampled.setdefault(
+        subject.folder, subject.prompts) and sample(self, subject, setting))
+    result = run_cli("evaluate", "--pretrained_model_name_or_path", str(sd15), "--lora_dir", str(model),
+                     "--concepts_list", str(listing), "--instance_data_dir", str(photos), "--evaluation_prompts_path",
+                     str(prompts), "--output_dir", str(tmp_path / "eval"), "--dino_model", str(scorers["dino"]),
+                     "--clip_model", str(scorers["clip"]), "--num_inference_steps", "2")
+    assert result.code == 0, result.err
+    assert sampled == {"dog": ("a zwx dog in the snow",), "dog2": ("a qkp dog in the snow",)}
+    both = run_cli("evaluate", "--pretrained_model_name_or_path", str(sd15), "--lora_dir", str(model), "--lora_base_dir",
+                   str(tmp_path), "--instance_data_dir", str(photos), "--evaluation_prompts_path", str(prompts),
+                   "--output_dir", str(tmp_path / "eval2"))
+    assert_one_line_error(both, "--lora_base_dir", "--lora_dir")

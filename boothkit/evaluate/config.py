@@ -21,7 +21,13 @@ class EvaluateConfig(ModelSourceOptions, SamplerOptions):
         description="Hub id or local folder of the base pipeline.",
         # The seed's name, kept as a hidden alias (flag and config-file key).
         validation_alias=AliasChoices("pretrained_model_name_or_path", "pretrained_model_path"))
-    lora_base_dir: str = Field(description="One LoRA folder per subject (with weak/ for --method ag).")
+    lora_base_dir: str | None = Field(None, description="One LoRA folder per subject (with weak/ for --method ag).")
+    lora_dir: str | None = Field(None, description="Instead of --lora_base_dir: one LoRA folder or fully fine-tuned "
+                                                   "model for every subject folder (a model trained on several "
+                                                   "concepts).")
+    concepts_list: str | None = Field(None, description="The training run's concepts (JSON, or a kohya TOML dataset "
+                                                        "config): each subject folder that is a concept's "
+                                                        "instance_data_dir takes that concept's identifier.")
     weak_checkpoint_path: str | None = Field(
         None, description="--method ag: the weak LoRA (a folder or file) when one subject is evaluated, or a "
                           "folder holding one weak LoRA folder per subject folder (default: "
@@ -62,4 +68,6 @@ class EvaluateConfig(ModelSourceOptions, SamplerOptions):
             raise ValueError(f"--optimize {self.optimize} sweeps ω, which only --method wig has")
         if any(not 0.0 <= omega <= 1.0 for omega in self.omega_grid):
             raise ValueError("--omega_grid values must lie in [0, 1]")
+        if (self.lora_base_dir is None) == (self.lora_dir is None):
+            raise ValueError("give --lora_base_dir (one LoRA folder per subject) or --lora_dir (one model for all)")
         return self

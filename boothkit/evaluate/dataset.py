@@ -130,8 +130,10 @@ def discover_subjects(
     lora_base_dir: str | Path,
     subjects: Iterable[str],
     only: Sequence[str] | None = None,
+    lora_dir: str | Path | None = None,
 ) -> tuple[list[SubjectEntry], list[str]]:
-    """Pair each subject folder of `instance_data_dir` with the LoRA folder of the same name.
+    """Pair each subject folder of `instance_data_dir` with the LoRA folder of the same name (or, with
+    `lora_dir`, with that one LoRA or model: a model trained on several concepts).
 
     Every (non-hidden) sub-folder of `instance_data_dir` is mapped to a subject by `subject_of_folder`.
     It is skipped when it maps to no subject, when `lora_base_dir` has no folder of the same name, or when
@@ -146,7 +148,8 @@ def discover_subjects(
             neither a folder of `instance_data_dir` nor the subject of one.
     """
     images_root = _require_dir(instance_data_dir, "--instance_data_dir")
-    lora_root = _require_dir(lora_base_dir, "--lora_base_dir")
+    shared = _require_dir(lora_dir, "--lora_dir") if lora_dir is not None else None
+    lora_root = _require_dir(lora_base_dir, "--lora_base_dir") if shared is None else None
     subject_list = list(subjects)
     folders = sorted(p.name for p in images_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     mapped = {folder: subject_of_folder(folder, subject_list) for folder in folders}
@@ -165,7 +168,7 @@ def discover_subjects(
     skipped: list[str] = []
     for folder in folders:
         subject = mapped[folder]
-        lora_dir = lora_root / folder
+        lora_dir = shared if shared is not None else lora_root / folder
         if (
             subject is None
             or not lora_dir.is_dir()

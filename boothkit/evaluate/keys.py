@@ -70,6 +70,7 @@ class EvaluationKeys:
                 "lora": _weights_digest(subject.lora),
                 "weak": _weights_digest(subject.weak) if subject.weak is not None else None,
                 "prompts": list(subject.prompts), "text_options": list(subject.text),
+                "identifier": subject.identifier,
             }
         return self._subjects[subject.folder]
 

@@ -90,12 +90,13 @@ def find_subjects(config: EvaluateConfig, warn: bool) -> list[Subject]:
     """The subjects to evaluate, resolved and checked (one line for anything that would stop the run midway)."""
     prompts = load_evaluation_prompts(config.evaluation_prompts_path)
     entries, skipped = discover_subjects(config.instance_data_dir, config.lora_base_dir, prompts.subjects,
-                                         config.subjects)
+                                         config.subjects, config.lora_dir)
     if skipped and warn:
         log.warning("skipping folders with no matching subject or LoRA folder: %s", ", ".join(skipped))
     if not entries:
         raise BoothkitError(f"no subject to evaluate: no folder of '{config.instance_data_dir}' matches a subject "
-                            f"of '{config.evaluation_prompts_path}' with a LoRA folder in '{config.lora_base_dir}'")
+                            f"of '{config.evaluation_prompts_path}' with a LoRA folder in "
+                            f"'{config.lora_base_dir or config.lora_dir}'")
     reserved = [entry.folder for entry in entries if entry.folder in (CACHE_DIR, SUBJECTS_DIR)]
     if reserved:
         raise BoothkitError(f"subject folder '{reserved[0]}' has the name of a folder boothkit keeps in output_dir; "

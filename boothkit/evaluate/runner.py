@@ -49,7 +49,7 @@ class Evaluator:
     def score(self, subject: Subject, setting: Setting, key: str, generated: list[GeneratedImage]) -> Evaluation:
         config = self.config
         per_prompt = score_prompts(self.models.metrics, self.models.references(subject), subject.prompts, generated,
-                                   config.identifier, config.keep_identifier)
+                                   subject.identifier, config.keep_identifier)
         settings = self.models.settings
         return Evaluation(setting=setting, key=key, scores=mean_scores(per_prompt), per_prompt=per_prompt,
                           sampler={"steps": settings.num_inference_steps, "scheduler": settings.scheduler,

@@ -67,6 +67,13 @@ def concepts_of(config) -> list[Concept]:
     return concepts
 
 
+def read_concepts(path: str | Path) -> list[Concept]:
+    """The concepts of a `--concepts_list` JSON, or of a kohya TOML dataset config (by its suffix)."""
+    path = Path(path)
+    entries = _from_kohya_toml(path) if path.suffix.lower() == ".toml" else _read_json(path)
+    return _validated(entries, str(path))
+
+
 def _read_json(path: Path) -> object:
     if not path.is_file():
         raise BoothkitError(f"concepts list '{path}' does not exist")
