@@ -116,6 +116,12 @@ def _run_score(config) -> int:
     return 0
 
 
+def _run_ui(config) -> int:
+    from boothkit.ui.app import run_ui
+
+    return run_ui(config)
+
+
 def _formats_command(name: str, config) -> int:
     from boothkit.formats import commands
 
@@ -137,6 +143,8 @@ SCHEMA_COMMANDS: tuple[SchemaCommand, ...] = (
                   "boothkit.formats.config:InfoConfig", lambda config: _formats_command("run_info", config)),
     SchemaCommand("merge", "Merge LoRAs (A.safetensors:0.8 B.safetensors:0.6) into one, or into the base model.",
                   "boothkit.formats.config:MergeConfig", lambda config: _formats_command("run_merge", config)),
+    SchemaCommand("ui", "A local web page to generate with CFG, AG and WIG (needs pip install 'boothkit[ui]').",
+                  "boothkit.ui.config:UiConfig", lambda config: _run_ui(config)),
 )
 
 

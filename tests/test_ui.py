@@ -1,0 +1,116 @@
+"""`boothkit ui` (issue 13, first part: the Generate tab): the page runs `boothkit sample`'s code path, so its
+images equal the CLI's bit for bit; driven through gradio_client and through a real browser (the system's
+Chromium, via playwright; never a downloaded browser)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from boothkit.cli import main
+from boothkit.ui.app import build_app
+from boothkit.ui.config import UiConfig
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "ui"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def page(sd15, sd15_lora, tmp_path_factory):
+    """The app, launched on 127.0.0.1 with a root holding the tiny model and a trained LoRA."""
+    root = tmp_path_factory.mktemp("ui-root")
+    shutil.copytree(sd15, root / "model")
+    shutil.copytree(sd15_lora, root / "lora", ignore=shutil.ignore_patterns("checkpoint-*", "validation"))
+    app = build_app(UiConfig(root=str(root), pretrained_model_name_or_path="model"))
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True,
+               allowed_paths=[str(root)])
+    yield {"url": f"http://127.0.0.1:{port}/", "root": root}
+    app.close()
+
+
+def values(**changes) -> list:
+    fields = {"model": "model", "lora": "lora", "method": "cfg", "guidance_scale": "", "omega": 0.5,
+              "prompt": "a photo of sks dog", "negative_prompt": "", "steps": 3, "height": 32, "width": 32,
+              "scheduler": "", "seed": 5, "random_seed": False, "num_images": 2}
+    fields.update(changes)
+    return list(fields.values())
+
+
+def cli_images(command: str, out: Path) -> list[np.ndarray]:
+    """Run the page's "same as a CLI command" line into `out`; its images as arrays."""
+    words = shlex.split(command)
+    assert words[:2] == ["boothkit", "sample"]
+    words[words.index("--output_dir") + 1] = str(out)
+    assert main(words[1:]) == 0
+    return [np.asarray(Image.open(path)) for path in sorted(out.glob("*.png"))]
+
+
+@pytest.mark.parametrize("method,scale", [("cfg", "0"), ("ag", ""), ("wig", "4.5")])
+def test_generate_through_gradio_client_equals_the_cli(page, method, scale, tmp_path):
+    from gradio_client import Client
+
+    client = Client(page["url"], verbose=False)
+    gallery, command = client.predict(*values(method=method, omega=0.3, guidance_scale=scale), api_name="/generate")
+    assert (f"--guidance_scale {float(scale)}" in command) if scale else "--guidance_scale" not in command
+    assert f"--method {method}" in command and len(gallery) == 2
+    for flag in ("--seed 5", "--num_inference_steps 3", "--height 32", "--lora_dir", "--omega 0.3"):
+        assert flag in command, flag  # the page's settings reach the sampler as given
+    got = [np.asarray(Image.open(item["image"])) for item in gallery]
+    expected = cli_images(command, tmp_path / "cli")
+    assert len(expected) == 2 and all(np.array_equal(a, b) for a, b in zip(got, expected))
+    written = sorted(Path(page["root"], "ui_outputs").glob("*/samples.json"))
+    assert written and json.loads(written[-1].read_text())[0]["method"] == method
+
+
+def test_paths_outside_the_root_are_refused(page):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(page["url"], verbose=False)
+    with pytest.raises(AppError, match="outside the folder this page may use"):
+        client.predict(*values(lora="/etc"), api_name="/generate")
+
+
+def chromium() -> str:
+    for candidate in ("/usr/lib/chromium/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    pytest.fail("no Chromium found for the browser test: install it with the system package manager "
+                "(apt-get install -y chromium); never `playwright install`")
+
+
+def test_generate_in_a_real_browser(page, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        tab = browser.new_page(viewport={"width": 1280, "height": 1400})
+        tab.goto(page["url"])
+        tab.locator("#lora textarea").fill("lora")
+        tab.locator("#prompt textarea").fill("a sks dog in the snow")
+        tab.locator("#generate").click()
+        tab.locator("#gallery img").first.wait_for(timeout=120_000)
+        tab.wait_for_function("document.querySelector('#command textarea').value.length > 0", timeout=60_000)
+        command = tab.locator("#command textarea").input_value()
+        source = tab.locator("#gallery img").first.get_attribute("src")
+        shown = tab.request.get(source if source.startswith("http") else page["url"].rstrip("/") + source).body()
+        DOCS.mkdir(parents=True, exist_ok=True)
+        tab.screenshot(path=str(DOCS / "generate.png"), full_page=True)
+        browser.close()
+    (tmp_path / "shown.png").write_bytes(shown)
+    expected = cli_images(command, tmp_path / "cli")
+    assert "a sks dog in the snow" in command and "--seed 0" in command
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "shown.png").convert("RGB")), expected[0][..., :3])
