@@ -45,12 +45,14 @@ def read_prompts(config: SampleConfig) -> list[str]:
     return prompts
 
 
-def run_sample(config: SampleConfig) -> list[Path]:
+def run_sample(config: SampleConfig, models: dict | None = None) -> list[Path]:
+    """`boothkit sample`. `models`: a dict kept by a caller that samples again and again (`boothkit ui`): the
+    loaded model and its LoRAs stay there, and are reused while only the rule, prompts or seeds change."""
     prompts = read_prompts(config)
     output_dir = check_output_folder(config.output_dir, "sample", overwrite=config.overwrite,
                                      hint="pass --overwrite to replace the images of the earlier run")
     with OutputFolder(output_dir, "sample") as folder:  # one writer per folder, from here on
-        family, guidance, adapters, variants = _load(config)
+        family, guidance, adapters, variants = _load(config, models)
         settings = sampler_settings(family, config)
         images = GuidedSampler(family, guidance, settings, adapters, variants).iterate(
             prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
@@ -70,26 +72,45 @@ def subject_and_extras(config: SampleConfig) -> tuple[tuple[str, float] | None, 
     return (stack[0] if stack else None), stack[1:]
 
 
-def _load(config: SampleConfig):
+# What a sample's settings may change without loading the model and its LoRAs again.
+_NOT_LOADED = {"guidance_scale", "cfg_scale", "omega", "guidance_rescale", "prompt", "prompts_file", "negative_prompt",
+               "num_inference_steps", "num_images_per_prompt", "seed", "height", "width", "scheduler", "batch_size",
+               "output_dir", "overwrite"}
+
+
+def _load(config: SampleConfig, models: dict | None = None):
     """The family on its device, the guidance rule, the LoRA adapters it needs and, for guidance on a fully
-    fine-tuned model (no LoRA), its weak and interpolated weights (`guidance.full_model`)."""
+    fine-tuned model (no LoRA), its weak and interpolated weights (`guidance.full_model`); from `models` when
+    what they were loaded for is unchanged."""
+    key = json.dumps(config.model_dump(exclude=_NOT_LOADED), sort_keys=True, default=str)
+    if models is not None and models.get("key") == key:
+        family, adapters, variants = models["loaded"]
+        return family, _rule(config, family), adapters, variants
+    if models is not None:
+        models.clear()  # the previous model goes before the next one loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = weights_dtype(config.mixed_precision, device)
     subject, extras = subject_and_extras(config)
     subject_path, subject_weight = subject if subject else (None, 1.0)
     options = FamilyOptions.from_config(config).with_text(*text_options(config, subject_path))
     family = load_family(config.pretrained_model_name_or_path, config.revision, config.variant, dtype, options)
-    scale = config.guidance_scale if config.guidance_scale is not None else \
-        default_guidance_scale(config.method, family.default_guidance_scale)
-    guidance = make_guidance(config.method, scale, config.cfg_scale, config.omega,  # λ = 0 is a valid scale
-                             config.guidance_rescale)
+    guidance = _rule(config, family)
     full_model = subject_path is None and guidance.method in ("ag", "wig")
     variants = load_weight_variants(family, config.base_model, config.weak_checkpoint_path, guidance.method == "wig",
                                     guidance.needs_weak, config.revision) if full_model else None
     adapters = load_guidance_adapters(family, subject_path, config.weak_checkpoint_path, guidance,
                                       lora_weight=subject_weight, extras=extras, full_model=full_model)
     family.pipeline.to(device)
+    if models is not None:
+        models.update(key=key, loaded=(family, adapters, variants))
     return family, guidance, adapters, variants
+
+
+def _rule(config: SampleConfig, family):
+    scale = config.guidance_scale if config.guidance_scale is not None else \
+        default_guidance_scale(config.method, family.default_guidance_scale)
+    return make_guidance(config.method, scale, config.cfg_scale, config.omega,  # λ = 0 is a valid scale
+                         config.guidance_rescale)
 
 
 def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config: SampleConfig, guidance,

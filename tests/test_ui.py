@@ -114,3 +114,21 @@ def test_generate_in_a_real_browser(page, tmp_path):
     expected = cli_images(command, tmp_path / "cli")
     assert "a sks dog in the snow" in command and "--seed 0" in command
     assert np.array_equal(np.asarray(Image.open(tmp_path / "shown.png").convert("RGB")), expected[0][..., :3])
+
+
+def test_the_model_stays_loaded_between_clicks(page, monkeypatch):
+    """Changing λ, ω, prompt, seed or steps reuses the loaded model; another LoRA (or method) loads again."""
+    import boothkit.sample
+    from gradio_client import Client
+
+    loads = []
+    load_family = boothkit.sample.load_family
+    monkeypatch.setattr(boothkit.sample, "load_family", lambda *a, **k: loads.append(a[0]) or load_family(*a, **k))
+    client = Client(page["url"], verbose=False)
+    client.predict(*values(method="wig", seed=1), api_name="/generate")
+    first = len(loads)
+    client.predict(*values(method="wig", seed=2, guidance_scale="3", omega=0.7, prompt="a sks dog", steps=2),
+                   api_name="/generate")
+    assert len(loads) == first  # nothing loaded again
+    client.predict(*values(method="cfg", lora=""), api_name="/generate")
+    assert len(loads) == first + 1

@@ -38,6 +38,7 @@ class Workspace:
             raise BoothkitError(f"--root '{config.root}' is not a folder")
         self.outputs = Path(config.output_dir).expanduser().resolve() if config.output_dir else self.root / "ui_outputs"
         self.inside(self.outputs, "--output_dir")
+        self.models: dict = {}  # the loaded model and LoRAs, kept between clicks (`run_sample`'s cache)
 
     def inside(self, path: str | Path, what: str) -> Path:
         resolved = (self.root / Path(path).expanduser()).resolve()
@@ -109,7 +110,7 @@ def generate(workspace: Workspace, values: dict) -> tuple[list[str], str]:
     from boothkit.sample import run_sample
 
     config = sample_config(workspace, values)
-    paths = run_sample(config)
+    paths = run_sample(config, workspace.models)
     return [str(path) for path in paths], command_line(config)
 
 
@@ -129,7 +130,7 @@ def build_app(config: UiConfig):
             gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4)
             command = gr.Textbox(label="The same as a CLI command", elem_id="command", interactive=False)
 
-        def on_generate(*args):
+        def on_generate(*args, progress=gr.Progress(track_tqdm=True)):  # the sampler's tqdm bar, with step counts
             try:
                 return generate(workspace, dict(zip(GENERATE_FIELDS, args)))
             except BoothkitError as error:
