@@ -44,7 +44,7 @@ def page(sd15, sd15_lora, tmp_path_factory):
 def values(**changes) -> list:
     fields = {"model": "model", "lora": "lora", "method": "cfg", "guidance_scale": "", "omega": 0.5,
               "prompt": "a photo of sks dog", "negative_prompt": "", "steps": 3, "height": 32, "width": 32,
-              "scheduler": "", "seed": 5, "random_seed": False, "num_images": 2}
+              "scheduler": "", "seed": 5, "random_seed": False, "num_images": 2, "compare": False}
     fields.update(changes)
     return list(fields.values())
 
@@ -132,3 +132,21 @@ def test_the_model_stays_loaded_between_clicks(page, monkeypatch):
     assert len(loads) == first  # nothing loaded again
     client.predict(*values(method="cfg", lora=""), api_name="/generate")
     assert len(loads) == first + 1
+
+
+def test_compare_mode_runs_the_same_seeds_through_every_method(page, tmp_path):
+    """One click: CFG, AG and WIG with the same seeds, each image captioned with its method and equal to that
+    method's own CLI run."""
+    from gradio_client import Client
+
+    client = Client(page["url"], verbose=False)
+    gallery, commands = client.predict(*values(compare=True, random_seed=True, omega=0.2), api_name="/generate")
+    lines = commands.splitlines()
+    assert [item["caption"] for item in gallery] == ["cfg", "cfg", "ag", "ag", "wig", "wig"] and len(lines) == 3
+    seeds = {line.split("--seed ")[1].split()[0] for line in lines}
+    assert len(seeds) == 1  # one (random) seed for all three methods
+    for index, (method, line) in enumerate(zip(("cfg", "ag", "wig"), lines)):
+        assert f"--method {method}" in line
+        expected = cli_images(line, tmp_path / method)
+        got = [np.asarray(Image.open(item["image"])) for item in gallery[2 * index:2 * index + 2]]
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected))

@@ -105,17 +105,25 @@ def command_line(config) -> str:
     return shlex.join(words)
 
 
-def generate(workspace: Workspace, values: dict) -> tuple[list[str], str]:
-    """Sample with the tab's settings through `run_sample`; (image paths, the CLI command)."""
+def generate(workspace: Workspace, values: dict) -> tuple[list, str]:
+    """Sample with the tab's settings through `run_sample`; (gallery items, the CLI command(s)). With "compare",
+    the same seeds through CFG, CFG + AG and WIG (λ empty: each method's default), one folder each, captioned."""
     from boothkit.sample import run_sample
 
-    config = sample_config(workspace, values)
-    paths = run_sample(config, workspace.models)
-    return [str(path) for path in paths], command_line(config)
+    methods = list(METHODS) if values.get("compare") else [values["method"]]
+    if values.get("random_seed"):  # one seed for every method of a comparison
+        values = dict(values, seed=random.randrange(2**31), random_seed=False)
+    items, commands = [], []
+    for method in methods:
+        config = sample_config(workspace, dict(values, method=method))
+        paths = run_sample(config, workspace.models)
+        items += [(str(path), method) if len(methods) > 1 else str(path) for path in paths]
+        commands.append(command_line(config))
+    return items, "\n".join(commands)
 
 
 GENERATE_FIELDS = ("model", "lora", "method", "guidance_scale", "omega", "prompt", "negative_prompt", "steps",
-                   "height", "width", "scheduler", "seed", "random_seed", "num_images")
+                   "height", "width", "scheduler", "seed", "random_seed", "num_images", "compare")
 
 
 def build_app(config: UiConfig):
@@ -128,7 +136,7 @@ def build_app(config: UiConfig):
             inputs = _generate_inputs(gr, config)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4)
-            command = gr.Textbox(label="The same as a CLI command", elem_id="command", interactive=False)
+            command = gr.Textbox(label="The same as CLI command(s)", elem_id="command", interactive=False)
 
         def on_generate(*args, progress=gr.Progress(track_tqdm=True)):  # the sampler's tqdm bar, with step counts
             try:
@@ -161,8 +169,9 @@ def _generate_inputs(gr, config: UiConfig) -> list:
         seed = gr.Number(label="Seed", value=0, precision=0, minimum=0)
         random_seed = gr.Checkbox(label="Random seed", value=False)
         num_images = gr.Number(label="Images", value=1, precision=0, minimum=1)
+        compare = gr.Checkbox(label="Compare CFG / AG / WIG (same seeds)", value=False, elem_id="compare")
     return [model, lora, method, guidance_scale, omega, prompt, negative, steps, height, width, scheduler, seed,
-            random_seed, num_images]
+            random_seed, num_images, compare]
 
 
 def run_ui(config: UiConfig) -> int:
