@@ -101,11 +101,20 @@ def write_json_atomic(target: str | os.PathLike, data: object) -> None:
     write_text_atomic(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def save_image_atomic(image, target: str | os.PathLike) -> None:
-    """Save a PIL image; the format follows the target's suffix."""
+def save_image_atomic(image, target: str | os.PathLike, text: dict[str, str] | None = None) -> None:
+    """Save a PIL image; the format follows the target's suffix. `text`: PNG text chunks (e.g. A1111's
+    `parameters`)."""
     target = Path(target)
+    options = {}
+    if text and _pil_format(target.suffix) == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+        options["pnginfo"] = info
     with atomic_path(target) as tmp:
-        image.save(tmp, format=_pil_format(target.suffix))
+        image.save(tmp, format=_pil_format(target.suffix), **options)
 
 
 def _pil_format(suffix: str) -> str:

@@ -123,8 +123,6 @@ def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config
     records, paths = [], []
     for index, generated in enumerate(images):
         path = folder.path(image_name(index, generated.prompt))
-        save_image_atomic(generated.image, path)
-        paths.append(path)
         records.append({
             "file": path.name, "prompt": generated.prompt, "seed": generated.seed, "method": guidance.method,
             "guidance_scale": guidance.guidance_scale, "cfg_scale": guidance.cfg_scale, "omega": guidance.omega,
@@ -135,5 +133,31 @@ def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config
             "weak_lora": weak if guidance.needs_weak else None,
             "base_model": config.base_model if guidance.method == "wig" and not loras else None, "loras": loras,
         })
+        save_image_atomic(generated.image, path, {"parameters": a1111_parameters(records[-1])})
+        paths.append(path)
         write_json_atomic(folder.path(SAMPLES_NAME), records)
     return paths
+
+
+def a1111_parameters(record: dict) -> str:
+    """The image's settings as AUTOMATIC1111 writes them in a PNG's `parameters` text (what A1111's "PNG Info",
+    ComfyUI and image browsers read): the prompt, `Negative prompt: …`, then `Key: value` pairs (λ is the "CFG
+    scale"; boothkit's own method, s and ω follow as extra keys). LoRAs appear as `<lora:name:weight>`."""
+    prompt = record["prompt"] + "".join(f" <lora:{Path(lora['path']).stem if Path(lora['path']).suffix else Path(lora['path']).name}:"
+                                        f"{lora['weight']:g}>" for lora in record["loras"])
+    pairs = {"Steps": record["steps"], "Sampler": record["scheduler"]}
+    if record["guidance_scale"] is not None:
+        pairs["CFG scale"] = f"{record['guidance_scale']:g}"
+    pairs.update({"Seed": record["seed"], "Size": f"{record['width']}x{record['height']}",
+                  "Model": Path(str(record["model"])).name, "Guidance": record["method"]})
+    if record["method"] == "ag":
+        pairs["AG CFG scale"] = f"{record['cfg_scale']:g}"
+    if record["method"] == "wig":
+        pairs["WIG omega"] = f"{record['omega']:g}"
+    if record["guidance_rescale"]:
+        pairs["CFG Rescale phi"] = f"{record['guidance_rescale']:g}"
+    lines = [prompt]
+    if record["negative_prompt"]:
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items()))
+    return "\n".join(lines)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
@@ -158,6 +159,13 @@ def test_sample_command_writes_images_and_metadata(method, sd15, sd15_lora, tmp_
     assert records[0]["scheduler"] == "euler_a" and records[0]["steps"] == 4
     assert (records[0]["omega"] == 0.3) == (method == "wig")
     assert (records[0]["weak_lora"] is not None) == (method == "ag")
+    # each PNG carries its settings as A1111 writes them (its "PNG Info", ComfyUI and image browsers read them)
+    lines = Image.open(out / names[2]).text["parameters"].splitlines()
+    assert lines[0] == f"a sks dog on the beach <lora:{Path(sd15_lora).name}:1>" and len(lines) == 2
+    fields = dict(part.split(": ", 1) for part in lines[1].split(", "))
+    assert (fields["Steps"], fields["Sampler"], fields["Seed"], fields["Guidance"]) == ("4", "euler_a", "4", method)
+    assert fields["Size"] == f"{records[2]['width']}x{records[2]['height']}" and fields["Model"] == Path(sd15).name
+    assert ("WIG omega" in fields) == (method == "wig") and ("AG CFG scale" in fields) == (method == "ag")
 
 
 def test_prompts_json_file(sd15, sd15_lora, tmp_path, run_cli):
