@@ -5,6 +5,7 @@ Chromium, via playwright; never a downloaded browser)."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import socket
@@ -18,7 +19,9 @@ from boothkit.cli import main
 from boothkit.ui.app import build_app
 from boothkit.ui.config import UiConfig
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "ui"
+# The README's screenshots: `BOOTHKIT_UI_SCREENSHOTS=docs/ui pytest tests/test_ui.py` writes them there; otherwise
+# the browser test writes its screenshot into its temporary folder (a test run leaves the checkout as it was).
+SCREENSHOTS = os.environ.get("BOOTHKIT_UI_SCREENSHOTS")
 
 
 def free_port() -> int:
@@ -107,8 +110,10 @@ def test_generate_in_a_real_browser(page, tmp_path):
         command = tab.locator("#command textarea").input_value()
         source = tab.locator("#gallery img").first.get_attribute("src")
         shown = tab.request.get(source if source.startswith("http") else page["url"].rstrip("/") + source).body()
-        DOCS.mkdir(parents=True, exist_ok=True)
-        tab.screenshot(path=str(DOCS / "generate.png"), full_page=True)
+        screenshots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
+        screenshots.mkdir(parents=True, exist_ok=True)
+        tab.screenshot(path=str(screenshots / "generate.png"), full_page=True)
+        assert (screenshots / "generate.png").stat().st_size > 10_000
         browser.close()
     (tmp_path / "shown.png").write_bytes(shown)
     expected = cli_images(command, tmp_path / "cli")
