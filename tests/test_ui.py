@@ -155,3 +155,13 @@ def test_compare_mode_runs_the_same_seeds_through_every_method(page, tmp_path):
         expected = cli_images(line, tmp_path / method)
         got = [np.asarray(Image.open(item["image"])) for item in gallery[2 * index:2 * index + 2]]
         assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
+def test_without_gradio_one_line_says_how_to_install_it(run_cli, monkeypatch, tmp_path):
+    import sys
+
+    from test_train import assert_one_line_error
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now fails as when it is not installed
+    assert_one_line_error(run_cli("ui", "--root", str(tmp_path)), "pip install 'boothkit[ui]'")
+    assert_one_line_error(run_cli("ui", "--root", str(tmp_path / "missing")), "pip install")
