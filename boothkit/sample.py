@@ -143,8 +143,7 @@ def a1111_parameters(record: dict) -> str:
     """The image's settings as AUTOMATIC1111 writes them in a PNG's `parameters` text (what A1111's "PNG Info",
     ComfyUI and image browsers read): the prompt, `Negative prompt: …`, then `Key: value` pairs (λ is the "CFG
     scale"; boothkit's own method, s and ω follow as extra keys). LoRAs appear as `<lora:name:weight>`."""
-    prompt = record["prompt"] + "".join(f" <lora:{Path(lora['path']).stem if Path(lora['path']).suffix else Path(lora['path']).name}:"
-                                        f"{lora['weight']:g}>" for lora in record["loras"])
+    prompt = record["prompt"] + "".join(f" <lora:{Path(lora['path']).stem}:{lora['weight']:g}>" for lora in record["loras"])
     pairs = {"Steps": record["steps"], "Sampler": record["scheduler"]}
     if record["guidance_scale"] is not None:
         pairs["CFG scale"] = f"{record['guidance_scale']:g}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -221,10 +221,6 @@ def diffusers_tensors(layers: dict[str, LoraLayerWeights], dtype: torch.dtype = 
         assert set(config) <= set(PEFT_013_FIELDS)
         adapters.update({f"{component}.{key}": value for key, value in config.items()})
     return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(adapters, sort_keys=True)}
-
-
-def with_dtype(layers: dict[str, LoraLayerWeights], dtype: torch.dtype) -> dict[str, LoraLayerWeights]:
-    return {name: replace(layer, down=layer.down.to(dtype), up=layer.up.to(dtype)) for name, layer in layers.items()}
 
 
 DIVERGED = "the training diverged (try a lower --learning_rate)"
