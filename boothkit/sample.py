@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -48,6 +49,14 @@ def read_prompts(config: SampleConfig) -> list[str]:
 def run_sample(config: SampleConfig, models: dict | None = None) -> list[Path]:
     """`boothkit sample`. `models`: a dict kept by a caller that samples again and again (`boothkit ui`): the
     loaded model and its LoRAs stay there, and are reused while only the rule, prompts or seeds change."""
+    return list(iter_sample(config, models))
+
+
+def iter_sample(config: SampleConfig, models: dict | None = None,
+                stop: threading.Event | None = None) -> Iterator[Path]:
+    """`run_sample`, yielding each image's path as soon as it (and the samples.json that lists it) is written.
+    Once `stop` is set the image in progress is dropped and the run ends: the folder holds the images made so
+    far and a samples.json that lists exactly them."""
     prompts = read_prompts(config)
     output_dir = check_output_folder(config.output_dir, "sample", overwrite=config.overwrite,
                                      hint="pass --overwrite to replace the images of the earlier run")
@@ -55,12 +64,12 @@ def run_sample(config: SampleConfig, models: dict | None = None) -> list[Path]:
         family, guidance, adapters, variants = _load(config, models)
         settings = sampler_settings(family, config)
         images = GuidedSampler(family, guidance, settings, adapters, variants).iterate(
-            prompts, config.negative_prompt, config.num_images_per_prompt, config.seed)
+            prompts, config.negative_prompt, config.num_images_per_prompt, config.seed, stop)
         folder.clear()  # an earlier run's images would disagree with the new samples.json
         names = [image_name(index, prompt) for index, prompt in
                  enumerate(p for p in prompts for _ in range(config.num_images_per_prompt))]
         folder.check_writable(*names, SAMPLES_NAME)  # a user's file in the way: refused before any sampling
-        return write_samples(folder, images, config, guidance, settings)
+        yield from write_samples(folder, images, config, guidance, settings)
 
 
 def subject_and_extras(config: SampleConfig) -> tuple[tuple[str, float] | None, list[tuple[str, float]]]:
@@ -114,13 +123,14 @@ def _rule(config: SampleConfig, family):
 
 
 def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config: SampleConfig, guidance,
-                  settings: SamplerSettings) -> list[Path]:
+                  settings: SamplerSettings) -> Iterator[Path]:
     """`NNNN_<prompt-slug>.png` for each image as soon as it is made, and `samples.json` describing how each
-    was made, rewritten after every image: if the run stops, the folder and samples.json still agree."""
+    was made, rewritten after every image: if the run stops, the folder and samples.json still agree. Yields
+    each image's path once both are written."""
     loras = [{"path": path, "weight": weight} for path, weight in config.lora_stack()]  # the subject first
     own_weak = weak_dir(loras[0]["path"]) if loras else weak_dir(config.pretrained_model_name_or_path)
     weak = config.weak_checkpoint_path or str(own_weak)
-    records, paths = [], []
+    records = []
     for index, generated in enumerate(images):
         path = folder.path(image_name(index, generated.prompt))
         records.append({
@@ -134,9 +144,8 @@ def write_samples(folder: OutputFolder, images: Iterable[GeneratedImage], config
             "base_model": config.base_model if guidance.method == "wig" and not loras else None, "loras": loras,
         })
         save_image_atomic(generated.image, path, {"parameters": a1111_parameters(records[-1])})
-        paths.append(path)
         write_json_atomic(folder.path(SAMPLES_NAME), records)
-    return paths
+        yield path
 
 
 def a1111_parameters(record: dict) -> str:

@@ -45,7 +45,7 @@ def page(sd15, sd15_lora, tmp_path_factory):
 
 
 def values(**changes) -> list:
-    fields = {"model": "model", "lora": "lora", "method": "cfg", "guidance_scale": "", "omega": 0.5,
+    fields = {"model": "model", "lora": "lora", "lora_scale": 1.0, "extra_loras": "", "weak": "", "method": "cfg", "guidance_scale": "", "omega": 0.5,
               "prompt": "a photo of sks dog", "negative_prompt": "", "steps": 3, "height": 32, "width": 32,
               "scheduler": "", "seed": 5, "random_seed": False, "num_images": 2, "compare": False}
     fields.update(changes)
@@ -66,7 +66,9 @@ def test_generate_through_gradio_client_equals_the_cli(page, method, scale, tmp_
     from gradio_client import Client
 
     client = Client(page["url"], verbose=False)
-    gallery, command = client.predict(*values(method=method, omega=0.3, guidance_scale=scale), api_name="/generate")
+    gallery, command, status = client.predict(*values(method=method, omega=0.3, guidance_scale=scale),
+                                              api_name="/generate")
+    assert status.startswith("2 of 2 images")
     assert (f"--guidance_scale {float(scale)}" in command) if scale else "--guidance_scale" not in command
     assert f"--method {method}" in command and len(gallery) == 2
     for flag in ("--seed 5", "--num_inference_steps 3", "--height 32", "--lora_dir", "--omega 0.3"):
@@ -145,7 +147,7 @@ def test_compare_mode_runs_the_same_seeds_through_every_method(page, tmp_path):
     from gradio_client import Client
 
     client = Client(page["url"], verbose=False)
-    gallery, commands = client.predict(*values(compare=True, random_seed=True, omega=0.2), api_name="/generate")
+    gallery, commands, _ = client.predict(*values(compare=True, random_seed=True, omega=0.2), api_name="/generate")
     lines = commands.splitlines()
     assert [item["caption"] for item in gallery] == ["cfg", "cfg", "ag", "ag", "wig", "wig"] and len(lines) == 3
     seeds = {line.split("--seed ")[1].split()[0] for line in lines}
@@ -165,3 +167,43 @@ def test_without_gradio_one_line_says_how_to_install_it(run_cli, monkeypatch, tm
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now fails as when it is not installed
     assert_one_line_error(run_cli("ui", "--root", str(tmp_path)), "pip install 'boothkit[ui]'")
     assert_one_line_error(run_cli("ui", "--root", str(tmp_path / "missing")), "pip install")
+
+
+def test_several_loras_with_weights_and_a_chosen_weak_checkpoint_equal_the_cli(page, tmp_path):
+    """The subject LoRA at a weight, another LoRA at its own (one PATH:WEIGHT a line) and an explicit weak
+    checkpoint reach `boothkit sample` as --lora_scale, --lora and --weak_checkpoint_path."""
+    from gradio_client import Client
+
+    client = Client(page["url"], verbose=False)
+    gallery, command, _ = client.predict(*values(method="ag", lora_scale=0.7, extra_loras="lora/weak:-0.5\n",
+                                                 weak="lora/weak"), api_name="/generate")
+    root = page["root"].resolve()
+    for flag in ("--lora_scale 0.7", f"--lora {root / 'lora' / 'weak'}:-0.5", f"--weak_checkpoint_path {root}/lora/weak"):
+        assert flag in command, flag
+    got = [np.asarray(Image.open(item["image"])) for item in gallery]
+    expected = cli_images(command, tmp_path / "cli")
+    assert len(got) == 2 and all(np.array_equal(a, b) for a, b in zip(got, expected))
+    plain, _, _ = client.predict(*values(method="ag"), api_name="/generate")
+    assert not np.array_equal(np.asarray(Image.open(plain[0]["image"])), got[0])  # the weights took effect
+
+
+def test_stop_ends_the_run_and_keeps_the_images_made(page):
+    """Stop during a long run: the run ends within a step, the gallery holds the images made, and the folder's
+    samples.json lists exactly the PNGs beside it."""
+    import time
+
+    from gradio_client import Client
+
+    client = Client(page["url"], verbose=False)
+    job = client.submit(*values(num_images=200, steps=20), api_name="/generate")
+    deadline = time.monotonic() + 120
+    while not job.outputs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.outputs(), "no image within two minutes"
+    client.predict(api_name="/stop")
+    gallery, _, status = job.result(timeout=120)
+    assert status.startswith("stopped:") and 1 <= len(gallery) < 200
+    folder = Path(status.split(" kept in ")[1])
+    records = json.loads((folder / "samples.json").read_text())
+    assert sorted(r["file"] for r in records) == sorted(p.name for p in folder.glob("*.png"))
+    assert len(records) == len(gallery)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -89,6 +90,10 @@ def load_guidance_adapters(family: ModelFamily, lora_dir: str | None, weak_dir: 
     return names
 
 
+class SamplingStopped(Exception):
+    """The caller asked the sampler to stop (`GuidedSampler.iterate`'s `stop` event)."""
+
+
 class GuidedSampler:
     def __init__(self, family: ModelFamily, guidance: Guidance, settings: SamplerSettings, adapters: list[str],
                  variants: WeightVariants | None = None):
@@ -108,8 +113,10 @@ class GuidedSampler:
 
     @torch.no_grad()
     def iterate(self, prompts: list[str], negative_prompt: str | None, num_images_per_prompt: int,
-                seed: int) -> Iterator[GeneratedImage]:
-        """As `generate`, yielding each image as soon as its batch is decoded (callers save it at once)."""
+                seed: int, stop: threading.Event | None = None) -> Iterator[GeneratedImage]:
+        """As `generate`, yielding each image as soon as its batch is decoded (callers save it at once). When
+        `stop` is set (from another thread: the page's Stop button) the batch in progress is dropped at its next
+        step and no image follows; the images yielded before stay valid."""
         conditioning = self.conditioning(prompts, negative_prompt)
         items = [(p, i) for p in range(len(prompts)) for i in range(num_images_per_prompt)]
         chunks = [items[start:start + self.settings.batch_size] for start in range(0, len(items), self.settings.batch_size)]
@@ -119,7 +126,10 @@ class GuidedSampler:
             for chunk in chunks:
                 rows = [p for p, _ in chunk]
                 generators = [torch.Generator("cpu").manual_seed(seed + i) for _, i in chunk]
-                images = self.sample({b: c.index(rows) for b, c in conditioning.items()}, generators, bar)
+                try:
+                    images = self.sample({b: c.index(rows) for b, c in conditioning.items()}, generators, bar, stop)
+                except SamplingStopped:
+                    return
                 done += len(images)
                 bar.set_postfix(images=done)
                 for (p, i), image in zip(chunk, images):
@@ -154,8 +164,8 @@ class GuidedSampler:
         return scales
 
     def sample(self, conditioning: dict[Branch, Conditioning], generators: list[torch.Generator],
-               bar: tqdm | None = None) -> list[Image.Image]:
-        """Run the scheduler from each generator's noise to images."""
+               bar: tqdm | None = None, stop: threading.Event | None = None) -> list[Image.Image]:
+        """Run the scheduler from each generator's noise to images (`SamplingStopped` once `stop` is set)."""
         settings, family = self.settings, self.family
         scheduler = make_scheduler(settings.scheduler, family.pipeline.scheduler.config)
         scheduler.set_timesteps(settings.num_inference_steps, device=self.device)
@@ -163,6 +173,8 @@ class GuidedSampler:
         latents = torch.cat(noise) * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generators)
         for timestep in scheduler.timesteps:
+            if stop is not None and stop.is_set():
+                raise SamplingStopped
             model_input = scheduler.scale_model_input(latents, timestep)
             guided = self.denoise(model_input, timestep, conditioning)
             latents = scheduler.step(guided, timestep, latents, **step_kwargs, return_dict=False)[0]
