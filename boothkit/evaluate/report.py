@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-from boothkit.evaluate.results import METRICS, MethodResults, SubjectResult
+from boothkit.evaluate.results import METRICS, MethodResults, Setting, SubjectResult
 from boothkit.layout import OutputFolder
 
 REPORT_NAME = "report.html"
@@ -94,7 +94,28 @@ def subjects_by_folder(runs: list[MethodResults]) -> dict[str, dict[str, Subject
     return table
 
 
+def tradeoff_points(by_method: dict[str, SubjectResult]
+                    ) -> tuple[list[tuple[float, float]], list[tuple[str, Setting]]]:
+    """(CLIP-T, DINO) of every evaluation of one subject that has both, and (method, setting) of each."""
+    points, owners = [], []
+    for method, subject in by_method.items():
+        for evaluation in subject.history:
+            dino, clip_t = evaluation.scores.get("DINO"), evaluation.scores.get("CLIP-T")
+            if dino is not None and clip_t is not None:
+                points.append((clip_t, dino))
+                owners.append((method, evaluation.setting))
+    return points, owners
+
+
 # Figures (matplotlib's Agg canvas; no pyplot, no global state) ------------------------------------------------
+
+def method_colours(methods: Sequence[str]) -> dict[str, str]:
+    """Each method's colour in every plot: matplotlib's default cycle, in the order the methods are given."""
+    from matplotlib import rcParams
+
+    palette = rcParams["axes.prop_cycle"].by_key()["color"]
+    return {method: palette[i % len(palette)] for i, method in enumerate(methods)}
+
 
 def lambda_curve_figure(by_method: dict[str, SubjectResult], colours: dict[str, str]):
     """One panel per method: λ → DINO, one line per ω sorted by λ, the best evaluation starred."""
@@ -242,13 +263,7 @@ def _pareto_table(points, owners, front) -> str:
 
 def _subject_section(index: int, folder: str, by_method: dict[str, SubjectResult], colours: dict[str, str]) -> str:
     first = next(iter(by_method.values()))
-    points, owners = [], []  # (CLIP-T, DINO) of every evaluation; (method, setting) of each
-    for method, subject in by_method.items():
-        for evaluation in subject.history:
-            dino, clip_t = evaluation.scores.get("DINO"), evaluation.scores.get("CLIP-T")
-            if dino is not None and clip_t is not None:
-                points.append((clip_t, dino))
-                owners.append((method, evaluation.setting))
+    points, owners = tradeoff_points(by_method)
     front = pareto_front(points)
     plots = f'<h3>λ → DINO</h3><img class="plot lambda" src="{_png_uri(lambda_curve_figure(by_method, colours))}">'
     if points:
@@ -268,10 +283,7 @@ def render_report(runs: list[MethodResults]) -> str:
     """The report's HTML (reads the reference photos; writes nothing)."""
     if not runs:
         raise ValueError("render_report needs the results of at least one method")
-    from matplotlib import rcParams
-
-    palette = rcParams["axes.prop_cycle"].by_key()["color"]
-    colours = {run.method: palette[i % len(palette)] for i, run in enumerate(runs)}
+    colours = method_colours([run.method for run in runs])
     with_omega = any(s.best.setting.omega is not None for run in runs for s in run.subjects)
     described = "".join(f"<li>{_e(run.method)}: {len(run.subjects)} subject(s); optimize "
                         f"{_e(run.settings.get('optimize', DASH))}; model {_e(_model_of(run.settings))}</li>"
