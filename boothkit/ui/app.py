@@ -49,10 +49,11 @@ class Workspace:
             return str(self.inside(source, "model"))
         return source
 
-    def new_output_folder(self) -> Path:
+    def new_output_folder(self, prefix: str = "") -> Path:
+        """A new (not yet existing) folder under the page's output folder, named by the time."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for index in range(1000):
-            folder = self.outputs / f"{stamp}-{index:03d}"
+            folder = self.outputs / f"{prefix}{stamp}-{index:03d}"
             if not folder.exists():
                 return folder
         raise BoothkitError(f"no free output folder name under '{self.outputs}'")
@@ -62,12 +63,18 @@ def build_app(config: UiConfig):
     """The Gradio Blocks of the page: the Generate, Train and Results tabs."""
     gr = require_gradio()
     from boothkit.ui.generate import generate_tab
+    from boothkit.ui.results import results_tab
+    from boothkit.ui.train import train_tab
 
     workspace = Workspace(config)
     with gr.Blocks(title="boothkit") as app:
         gr.Markdown("# boothkit")
         with gr.Tab("Generate"):
             generate_tab(gr, workspace, config.pretrained_model_name_or_path)
+        with gr.Tab("Train"):
+            train_tab(gr, workspace, config.pretrained_model_name_or_path)
+        with gr.Tab("Results"):
+            results_tab(gr, workspace)
     return app
 
 
@@ -80,5 +87,5 @@ def run_ui(config: UiConfig) -> int:
     if config.share:
         log.warning("--share publishes the page on a public gradio.live address")
     app.launch(server_name=config.host, server_port=config.port or None, share=config.share, ssr_mode=False,
-               allowed_paths=[str(Workspace(config).outputs)])
+               allowed_paths=[str(Workspace(config).root)])
     return 0
