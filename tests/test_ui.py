@@ -4,6 +4,7 @@ Chromium, via playwright; never a downloaded browser)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -97,30 +98,72 @@ def chromium() -> str:
                 "(apt-get install -y chromium); never `playwright install`")
 
 
-def test_generate_in_a_real_browser(page, tmp_path):
+@contextlib.contextmanager
+def browser_tab(url: str):
+    """A page of the system's Chromium (driven by playwright), at `url`."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         tab = browser.new_page(viewport={"width": 1280, "height": 1400})
-        tab.goto(page["url"])
+        tab.goto(url)
+        yield tab
+        browser.close()
+
+
+def screenshot(tab, name: str, tmp_path: Path) -> None:
+    """The README's screenshot of a tab (into docs/ui when BOOTHKIT_UI_SCREENSHOTS says so)."""
+    folder = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+    tab.screenshot(path=str(folder / name), full_page=True)
+    assert (folder / name).stat().st_size > 10_000
+
+
+def test_generate_in_a_real_browser(page, tmp_path):
+    with browser_tab(page["url"]) as tab:
         tab.locator("#lora textarea").fill("lora")
         tab.locator("#prompt textarea").fill("a sks dog in the snow")
         tab.locator("#generate").click()
         tab.locator("#gallery img").first.wait_for(timeout=120_000)
-        tab.wait_for_function("document.querySelector('#command textarea').value.length > 0", timeout=60_000)
+        tab.wait_for_function("document.querySelector('#generate_status').innerText.includes('1 of 1')",
+                              timeout=60_000)
         command = tab.locator("#command textarea").input_value()
         source = tab.locator("#gallery img").first.get_attribute("src")
         shown = tab.request.get(source if source.startswith("http") else page["url"].rstrip("/") + source).body()
-        screenshots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
-        screenshots.mkdir(parents=True, exist_ok=True)
-        tab.screenshot(path=str(screenshots / "generate.png"), full_page=True)
-        assert (screenshots / "generate.png").stat().st_size > 10_000
-        browser.close()
+        screenshot(tab, "generate.png", tmp_path)
     (tmp_path / "shown.png").write_bytes(shown)
     expected = cli_images(command, tmp_path / "cli")
     assert "a sks dog in the snow" in command and "--seed 0" in command
     assert np.array_equal(np.asarray(Image.open(tmp_path / "shown.png").convert("RGB")), expected[0][..., :3])
+
+
+def test_train_and_results_tabs_in_a_real_browser(page, tmp_path):
+    """Train: a short run from a photo folder, its validation images shown when it ends. Results: an evaluation
+    folder opened, its table and a subject's samples shown."""
+    from test_ui_results import make_evaluation_folder
+
+    evaluation = make_evaluation_folder(page["root"] / "study")
+    with browser_tab(page["url"]) as tab:
+        tab.get_by_role("tab", name="Train").click()
+        tab.locator("#photo_folder textarea").fill("study/photos/dog2")
+        tab.locator("#train_output_dir textarea").fill("runs/browser")
+        tab.locator("#train_steps input").fill("4")
+        tab.locator("#validation_prompt textarea").fill("a sks dog on the beach")
+        tab.locator("#train").click()
+        tab.wait_for_function("document.querySelector('#train_status').innerText.startsWith('finished')",
+                              timeout=180_000)
+        tab.locator("#validation_gallery img").first.wait_for(timeout=30_000)
+        screenshot(tab, "train.png", tmp_path)
+        assert (page["root"] / "runs" / "browser" / "pytorch_lora_weights.safetensors").is_file()
+        tab.get_by_role("tab", name="Results").click()
+        tab.locator("#results_folder textarea").fill(str(evaluation.relative_to(page["root"])))
+        tab.locator("#open_results").click()
+        tab.locator("#results_gallery img").first.wait_for(timeout=60_000)
+        tab.wait_for_function("document.querySelector('#results_table').innerText.includes('mean')",
+                              timeout=30_000)
+        screenshot(tab, "results.png", tmp_path)
+        table = tab.locator("#results_table").inner_text()
+    assert all(method in table for method in ("cfg", "ag", "wig")) and "dog2" in table
 
 
 def test_the_model_stays_loaded_between_clicks(page, monkeypatch):
