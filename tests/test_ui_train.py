@@ -125,3 +125,21 @@ def test_an_upload_that_is_no_image_is_refused(page, tmp_path):
     fake.write_text("not a picture")
     with pytest.raises(AppError, match="uploaded photo 'dog.png' cannot be used"):
         client_of(page).predict(*values(photos=[handle_file(str(fake))], photo_folder=""), api_name="/train")
+
+
+def test_prior_preservation_generates_class_images_kept_per_model_and_prompt(page):
+    from boothkit.ui.app import Workspace
+    from boothkit.ui.train import class_images_folder
+
+    status, _, _, command = client_of(page).predict(*values(output_dir="runs/prior", prior_preservation=True,
+                                                            max_train_steps=2, validation_prompt=""),
+                                                    api_name="/train")
+    assert status.startswith("finished"), status
+    words = shlex.split(command)
+    assert "--with_prior_preservation" in words and words[words.index("--num_class_images") + 1] == "2"
+    classes = Path(words[words.index("--class_data_dir") + 1])
+    assert classes.parent == page["root"] / "ui_outputs" / "class-images" and len(list(classes.glob("*.png"))) == 2
+    workspace = Workspace(UiConfig(root=str(page["root"])))
+    fields = {"pretrained_model_name_or_path": str(page["root"] / "model"), "class_prompt": "a photo of dog"}
+    assert class_images_folder(workspace, fields) == classes
+    assert class_images_folder(workspace, dict(fields, pretrained_model_name_or_path="other")) != classes

@@ -10,6 +10,8 @@ checked with the loader training uses and copied under the output area (never in
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -155,7 +157,7 @@ def train_job(workspace, values: dict) -> TrainJob:
             fields[name] = int(values[name])
     if values.get("prior_preservation"):
         fields.update(with_prior_preservation=True, num_class_images=int(values["num_class_images"]),
-                      class_data_dir=str(workspace.outputs / "class-images" / _slug(fields.get("class_prompt", ""))))
+                      class_data_dir=str(class_images_folder(workspace, fields)))
     if values.get("resume"):
         fields["resume_from_checkpoint"] = "latest"
     config = validate_config(TrainConfig, fields)
@@ -166,8 +168,12 @@ def train_job(workspace, values: dict) -> TrainJob:
     return TrainJob(arguments, output_dir, log_path, config.max_train_steps)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "class"
+def class_images_folder(workspace, fields: dict) -> Path:
+    """Where the page keeps generated class images: one folder per (model, class prompt, resolution), so runs
+    that share them reuse them and a run with another model or prompt never takes images made for another."""
+    key = json.dumps([fields["pretrained_model_name_or_path"], fields.get("class_prompt"), fields.get("resolution")])
+    slug = re.sub(r"[^a-z0-9]+", "-", str(fields.get("class_prompt", "")).lower()).strip("-")[:60] or "class"
+    return workspace.outputs / "class-images" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def follow(job: TrainJob) -> Iterator[tuple[str, list, str, str]]:
