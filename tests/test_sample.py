@@ -52,7 +52,7 @@ def test_cfg_reproduces_the_diffusers_pipeline(kind, tiny_models, sd15_lora, sd2
                         generator=[torch.Generator("cpu").manual_seed(11 + i) for i in range(2)],
                         output_type="np").images
         got = pixels([g for g in ours if g.prompt_index == prompt_index])
-        assert np.abs(got - expected).max() <= 1 / 255
+        assert np.abs(got - expected).max() <= 1.001 / 255
 
 
 def test_negative_prompt_matches_the_pipeline(sd15, sd15_lora):
@@ -60,14 +60,14 @@ def test_negative_prompt_matches_the_pipeline(sd15, sd15_lora):
     expected = reference_pipeline(sd15, sd15_lora)(
         PROMPTS[0], negative_prompt="blurry, cartoon", guidance_scale=4.0, num_inference_steps=8,
         generator=[torch.Generator("cpu").manual_seed(2)], output_type="np").images
-    assert np.abs(pixels(ours) - expected).max() <= 1 / 255
+    assert np.abs(pixels(ours) - expected).max() <= 1.001 / 255
 
 
 def test_ag_with_lambda_one_is_cfg_and_wig_with_omega_one_is_cfg(sd15, sd15_lora):
     cfg = pixels(sampler(sd15, sd15_lora, "cfg", guidance_scale=5.0).generate(PROMPTS, None, 2, seed=0))
     ag = pixels(sampler(sd15, sd15_lora, "ag", guidance_scale=1.0, cfg_scale=5.0).generate(PROMPTS, None, 2, seed=0))
     wig = pixels(sampler(sd15, sd15_lora, "wig", guidance_scale=5.0, omega=1.0).generate(PROMPTS, None, 2, seed=0))
-    assert np.abs(ag - cfg).max() <= 1 / 255
+    assert np.abs(ag - cfg).max() <= 1.001 / 255
     assert np.array_equal(wig, cfg)
     # And the rules are not trivially equal: other settings change the images.
     ag2 = pixels(sampler(sd15, sd15_lora, "ag", guidance_scale=2.0, cfg_scale=5.0).generate(PROMPTS, None, 2, seed=0))
@@ -131,7 +131,7 @@ def test_an_image_does_not_depend_on_its_batch(sd15, sd15_lora):
     single = pixels(alone.generate([PROMPTS[1]], None, 1, seed=7))
     shared = crowd.generate([PROMPTS[0], PROMPTS[1]], None, 2, seed=7)
     assert shared[2].prompt == PROMPTS[1] and shared[2].seed == 7
-    assert np.abs(pixels([shared[2]]) - single).max() <= 1 / 255
+    assert np.abs(pixels([shared[2]]) - single).max() <= 1.001 / 255
 
 
 # The command ------------------------------------------------------------------------------------------

@@ -151,11 +151,11 @@ def test_cfg_reproduces_sana_pipeline_and_identities_hold(sana, sana_lora):
         expected = pipe(prompt, num_images_per_prompt=2, guidance_scale=4.5, num_inference_steps=6, height=32,
                         width=32, use_resolution_binning=False, output_type="np",
                         generator=[torch.Generator("cpu").manual_seed(3 + i) for i in range(2)]).images
-        assert np.abs(pixels([g for g in cfg if g.prompt_index == index]) - expected).max() <= 1 / 255
+        assert np.abs(pixels([g for g in cfg if g.prompt_index == index]) - expected).max() <= 1.001 / 255
     wig = sampler(sana, sana_lora, "wig", guidance_scale=4.5, omega=1.0).generate(PROMPTS, None, 2, seed=3)
     ag = sampler(sana, sana_lora, "ag", guidance_scale=1.0, cfg_scale=4.5).generate(PROMPTS, None, 2, seed=3)
     assert np.array_equal(pixels(wig), pixels(cfg))
-    assert np.abs(pixels(ag) - pixels(cfg)).max() <= 1 / 255
+    assert np.abs(pixels(ag) - pixels(cfg)).max() <= 1.001 / 255
 
 
 def test_sample_and_evaluate_commands_on_sana(sana, sana_lora, tmp_path, run_cli):

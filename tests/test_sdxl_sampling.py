@@ -116,7 +116,7 @@ def test_cfg_with_guidance_rescale_reproduces_the_sdxl_pipeline(with_lora, sdxl,
     assert np.abs(pixels(ours) - plain).max() > 4 / 255  # φ does change these images
     for index, prompt in enumerate(PROMPTS):
         expected = sdxl_pipeline_images(sdxl, lora, prompt, 2, 7, guidance_scale=9.0, guidance_rescale=0.7)
-        assert np.abs(pixels([g for g in ours if g.prompt_index == index]) - expected).max() <= 1 / 255
+        assert np.abs(pixels([g for g in ours if g.prompt_index == index]) - expected).max() <= 1.001 / 255
 
 
 def test_cfg_with_guidance_rescale_reproduces_the_sd_pipeline(sd15, sd15_lora):
@@ -135,7 +135,7 @@ def test_cfg_with_guidance_rescale_reproduces_the_sd_pipeline(sd15, sd15_lora):
     expected = pipe(PROMPTS[0], num_images_per_prompt=2, guidance_scale=9.0, guidance_rescale=0.7,
                     num_inference_steps=STEPS, generator=[torch.Generator("cpu").manual_seed(3 + i) for i in range(2)],
                     output_type="np").images
-    assert np.abs(pixels(ours) - expected).max() <= 1 / 255
+    assert np.abs(pixels(ours) - expected).max() <= 1.001 / 255
 
 
 def test_sample_command_applies_and_records_guidance_rescale(sdxl, sdxl_lora, tmp_path, run_cli):
@@ -204,7 +204,7 @@ def test_sdxl_negative_none_and_empty_string_sample_as_the_pipeline(sdxl, sdxl_l
     for negative in (None, ""):
         images[negative] = pixels(cfg.generate(PROMPTS[:1], negative, 2, seed=4))
         expected = sdxl_pipeline_images(sdxl, sdxl_lora, PROMPTS[0], 2, 4, guidance_scale=5.0, negative_prompt=negative)
-        assert np.abs(images[negative] - expected).max() <= 1 / 255
+        assert np.abs(images[negative] - expected).max() <= 1.001 / 255
     assert np.abs(images[None] - images[""]).max() > 2 / 255  # the two are told apart
 
 
@@ -252,7 +252,7 @@ def test_sdxl_samples_with_the_models_own_scheduler(sdxl, sdxl_lora, tmp_path):
                   .generate(PROMPTS[:1], None, 2, seed=6))
     expected = sdxl_pipeline_images(model, sdxl_lora, PROMPTS[0], 2, 6, guidance_scale=5.0)  # its own scheduler
     assert type(StableDiffusionXLPipeline.from_pretrained(model).scheduler).__name__ == "DPMSolverMultistepScheduler"
-    assert np.abs(ours - expected).max() <= 1 / 255
+    assert np.abs(ours - expected).max() <= 1.001 / 255
     euler = pixels(sdxl_sampler(model, sdxl_lora, "cfg", guidance_scale=5.0).generate(PROMPTS[:1], None, 2, seed=6))
     assert np.abs(ours - euler).max() > 2 / 255  # not the Euler of before
 
