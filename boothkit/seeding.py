@@ -11,7 +11,7 @@ import hashlib
 
 import torch
 
-_PURPOSES = {"data": 1, "noise": 2, "timesteps": 3, "crop": 4, "flip": 5, "latents": 6, "lora_init": 7}
+_PURPOSES = {"data": 1, "noise": 2, "timesteps": 3, "crop": 4, "flip": 5, "latents": 6, "lora_init": 7, "pdm": 8}
 
 
 def derived_seed(seed: int, purpose: str, *indices: int) -> int:

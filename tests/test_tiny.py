@@ -20,6 +20,7 @@ MAIN_WEIGHTS = {
     "dino": "model.safetensors",
     "dinov2": "model.safetensors",
     "clip": "model.safetensors",
+    "clipseg": "model.safetensors",
 }
 
 

@@ -41,7 +41,7 @@ from boothkit.errors import BoothkitError
 from boothkit.io import atomic_path
 from boothkit.layout import OutputFolder, check_output_folder
 
-TINY_KINDS: tuple[str, ...] = ("sd15", "sd21", "sdxl", "sana", "dino", "dinov2", "clip")
+TINY_KINDS: tuple[str, ...] = ("sd15", "sd21", "sdxl", "sana", "dino", "dinov2", "clip", "clipseg")
 
 # SD 1.x / 2.x training noise schedule, as saved in the real checkpoints' scheduler configs.
 _SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -62,6 +62,7 @@ def build_tiny(kind: str, out_dir: str | Path, seed: int = 0, overwrite: bool = 
         "dino": _build_dino,
         "dinov2": _build_dinov2,
         "clip": _build_clip,
+        "clipseg": _build_clipseg,
     }
     if kind not in builders:
         raise BoothkitError(f"unknown tiny model kind {kind!r}; choose one of: {', '.join(TINY_KINDS)}")
@@ -418,3 +419,22 @@ def _build_clip(out: Path, seed: int) -> None:
     model.save_pretrained(out)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+
+
+def _build_clipseg(out: Path, seed: int) -> None:
+    """`CLIPSegForImageSegmentation` (text-prompted masks, `--mask_model`) with tiny towers and decoder (32 px
+    input, 32 px logits) + `CLIPSegProcessor` (PIL image processor, the tiny CLIP tokenizer)."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessorPil
+
+    tokenizer = _clip_tokenizer()
+    vision = {"image_size": 32, "patch_size": 4, "hidden_size": 32, "intermediate_size": 37,
+              "num_hidden_layers": 3, "num_attention_heads": 4}
+    config = CLIPSegConfig(text_config=_clip_text_config(tokenizer).to_dict(), vision_config=vision,
+                           projection_dim=16, extract_layers=[0, 1, 2], reduce_dim=16, decoder_num_attention_heads=2,
+                           decoder_intermediate_size=24)
+    with _seeded(seed, 0):
+        model = CLIPSegForImageSegmentation(config)
+    model.save_pretrained(out)
+    image_processor = ViTImageProcessorPil(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406],
+                                           image_std=[0.229, 0.224, 0.225])
+    CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from boothkit.config import ModelSourceOptions
+from boothkit.train.pdm_config import PdmOptions
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-class TrainConfig(ModelSourceOptions):
+class TrainConfig(PdmOptions, ModelSourceOptions):
     # Model and data.
     pretrained_model_name_or_path: str = Field(description="Hub id or local folder of a diffusers pipeline.")
     pretrained_vae_model_name_or_path: str | None = Field(
@@ -28,7 +29,8 @@ class TrainConfig(ModelSourceOptions):
                                                          "subsets with image_dir, class_tokens, num_repeats, is_reg).")
     class_data_dir: str | None = Field(None, description="Folder of class images for prior preservation.")
     class_prompt: str | None = Field(None, description="Class prompt for prior preservation, e.g. 'a photo of dog'.")
-    with_prior_preservation: bool = Field(False, description="Add the prior-preservation loss on class images.")
+    with_prior_preservation: bool = Field(False, description="Add the prior-preservation loss on class images.",
+                                          validation_alias=AliasChoices("with_prior_preservation", "use_prior_loss"))
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the prior-preservation loss.")
     num_class_images: int = Field(100, ge=1, description="Class images wanted; missing ones are generated.")
     sample_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")

@@ -39,6 +39,8 @@ class ImageGeometry:
 
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
+    flip: bool = False  # how the sample was drawn (a subject mask follows the same crop and flip)
+    crop_offset: tuple[float, float] | None = None
 
 
 class LatentBank:
@@ -88,7 +90,7 @@ class LatentBank:
         top, left = crop_top_left(image.size, resolution, self.options.center_crop, offset)
         if flip:  # the crop seen in the mirrored image: it starts where the original crop ends
             left = resized_size(image.size, resolution)[0] - left - resolution
-        return ImageGeometry((image.height, image.width), (top, left))
+        return ImageGeometry((image.height, image.width), (top, left), flip, crop_offset)
 
     @torch.no_grad()
     def draw(self, index: int, seed: int, position: int) -> tuple[torch.Tensor, ImageGeometry]:

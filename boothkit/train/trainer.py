@@ -35,9 +35,10 @@ from boothkit.train.concepts import Concept, ConceptImages, RowPicker, concepts_
 from boothkit.train.config import TrainConfig
 from boothkit.train import full
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
-from boothkit.train.losses import min_snr_weights
+from boothkit.train.losses import min_snr_weights, weighted_mean
 from boothkit.train.lora import (attach_adapters, lora_targets, prompt_encoding_settings, save_lora,
                                  trainable_parameters, trainable_state, training_description)
+from boothkit.train.regularizers import Regularizers, prepare_regularizers
 from boothkit.train.optim import make_optimizer, parameter_groups, restore, text_encoder_lr
 from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
 from boothkit.train.run_identity import check_same_run, run_identity
@@ -80,6 +81,7 @@ class Run:
     images: ConceptImages  # the concepts, their photos and class images
     picker: RowPicker  # which photo each row of a batch uses
     ema: EMAModel | None = None  # --use_ema (full fine-tuning)
+    regularizers: Regularizers | None = None  # PDMBooth's masks and PDM targets
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -258,16 +260,35 @@ def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
                                                           latents.device))
     noisy, timesteps, target, weights = family.training_sample(latents, noise, timestep_generators)
     prediction = family.predict(noisy, timesteps, conditioning, denoiser=run.denoiser)
-    per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1) * weights
+    per_sample = _per_sample_loss(run, prediction.float(), target.float(), [geometry for _, geometry in drawn],
+                                  [index for _, _, _, index, _ in rows]) * weights
     if config.snr_gamma is not None:  # the instance rows come first; the prior loss stays unweighted
         snr_weights = torch.ones_like(per_sample)
         snr_weights[:len(positions)] = min_snr_weights(family.timestep_snr(timesteps[:len(positions)]),
                                                        config.snr_gamma, family.prediction_type)
         per_sample = per_sample * snr_weights
-    if run.classes is None:
-        return per_sample.mean()
-    instance_loss, prior_loss = per_sample.chunk(2)
-    return instance_loss.mean() + config.prior_loss_weight * prior_loss.mean()
+    instance_loss = per_sample[:len(positions)].mean() * (1.0 if config.use_inst_loss else 0.0)
+    loss = instance_loss
+    if run.classes is not None:
+        loss = loss + config.prior_loss_weight * per_sample[len(positions):].mean()
+    if config.use_pdm:  # PDMBooth's semantic term, one extra row per instance row
+        pdm_rows = [(index, k, p) for p, (index, k) in zip(positions, picked)]
+        loss = loss + config.pdm_loss_weight * run.regularizers.pdm_term(
+            family, run.denoiser, pdm_rows, config.seed, lambda k: _prompt(run, "class", k), run.resolution).mean()
+    return loss
+
+
+def _per_sample_loss(run: Run, prediction: torch.Tensor, target: torch.Tensor, geometries: list,
+                     indices: list[int]) -> torch.Tensor:
+    """Each row's mean squared error; with --mask_dm the instance rows' is weighted by their subject mask."""
+    squared = (prediction - target) ** 2
+    if not run.config.mask_dm:
+        return squared.flatten(1).mean(1)
+    count = run.config.train_batch_size  # the instance rows come first
+    weights = torch.cat([run.regularizers.instance_weights(index, geometry, tuple(squared.shape[-2:]))
+                         for index, geometry in zip(indices[:count], geometries[:count])]).to(squared.device)
+    masked = weighted_mean(squared[:count], weights)
+    return torch.cat([masked, squared[count:].flatten(1).mean(1)])
 
 
 def _prompt(run: Run, which: str, concept: int) -> Conditioning:
@@ -327,6 +348,7 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
     options = ImageOptions(resolution, config.center_crop, config.random_flip, config.cache_latents)
     instance = LatentBank(family, [image for _, image in instance_files], options, "instance", stream=0)
     classes = LatentBank(family, [image for _, image in class_files], options, "class", stream=1) if class_files else None
+    regularizers = prepare_regularizers(config, family, images, options, folder, accelerator.device)  # frozen model
     prompts = _cached_prompts(config, family, accelerator.device, images.concepts)
     if prompts and not images.validations() and accelerator.device.type == "cuda":
         # Nothing needs the text encoder any more (SANA's Gemma-2 is ~5 GB in bf16): free its GPU memory.
@@ -355,7 +377,7 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
     dataset_length = max(len(picker.slots), len(classes) if classes else 0)
     return Run(config, accelerator, family, folder, resolution, denoiser, trainable, parameters, optimizer,
                lr_scheduler, instance, classes, prompts, SampleOrder(dataset_length, config.seed), start_step, identity,
-               images, picker, ema)
+               images, picker, ema, regularizers)
 
 
 def _check_resumable(resumed: ckpt.Checkpoint, identity: dict, spec: str) -> None:
@@ -448,7 +470,7 @@ def _cached_prompts(config: TrainConfig, family: ModelFamily, device: torch.devi
     """Prompt embeddings never change while the text encoder is frozen: compute them once per concept."""
     if config.train_text_encoder:
         return {}
-    kinds = ("instance", "class") if config.with_prior_preservation else ("instance",)
+    kinds = ("instance", "class") if config.with_prior_preservation or config.use_pdm else ("instance",)
     return {(kind, k): family.encode_prompts([_prompt_text(concept, kind)], device).detach()
             for k, concept in enumerate(concepts) for kind in kinds}
 
