@@ -79,7 +79,9 @@ def test_cfg_lambda_search_writes_every_output(sd15, layout, scorers, run_cli):
     assert "unknown_thing" in result.err  # skipped folders are named in one warning
     out = layout["out"]
     rows = read_summary(out)
-    assert list(rows[0]) == ["subject", "method", "num_prompts", "CLIP-I", "CLIP-T", "DINO", "guidance_scale"]
+    assert list(rows[0]) == ["subject", "method", "num_prompts", "CLIP-I", "CLIP-T", "DINO", "DINO-D", "CLIP-D", "PRES",
+                             "guidance_scale"]
+    assert (rows[0]["DINO-D"], rows[0]["CLIP-D"], rows[0]["PRES"]) == ("", "", "")  # one image per prompt, no PRES
     assert rows[0]["subject"] == "dog2" and rows[0]["method"] == "cfg" and rows[0]["num_prompts"] == "2"
     subject = read_runs(out)["cfg"].subjects[0]
     assert len(subject.history) == 3 and all(-10 <= e.setting.guidance_scale <= 10 for e in subject.history)

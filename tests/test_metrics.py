@@ -384,7 +384,7 @@ def test_run_score_matches_subject_metrics(models, metrics, folders):
     result = run_score(_config(models, folders, prompt=PROMPT))
     generated, references = _images(folders[0]), _images(folders[1])
     expected = metrics.score(generated, PROMPT, metrics.references(references))
-    assert set(result) == {"DINO", "CLIP-I", "CLIP-T", "n_images", "n_references"}
+    assert set(result) == {"DINO", "CLIP-I", "CLIP-T", "DINO-D", "CLIP-D", "n_images", "n_references"}
     for key, value in expected.items():
         assert result[key] == pytest.approx(value, abs=1e-6)
     json.dumps(result)  # printable as JSON
@@ -392,7 +392,7 @@ def test_run_score_matches_subject_metrics(models, metrics, folders):
 
 def test_no_prompt_no_clip_t(models, folders):
     result = run_score(_config(models, folders))
-    assert set(result) == {"DINO", "CLIP-I", "n_images", "n_references"}
+    assert set(result) == {"DINO", "CLIP-I", "DINO-D", "CLIP-D", "n_images", "n_references"}
     assert all(np.isfinite(value) for value in result.values())
 
 

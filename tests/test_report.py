@@ -77,12 +77,17 @@ def tiny_png(path: Path, colour: tuple[int, int, int], size=(8, 8)) -> None:
 
 
 def evaluation(lam, dino, clip_t, omega=None, clip_i=0.5, prompts=(), files_per_prompt=0, tag="") -> Evaluation:
+    # The diversities and PRES: some present, some missing (one image per prompt, no class samples).
+    diversity = None if dino is None or lam < 0 else round(0.05 + 0.01 * lam, 4)
+    extra = {"DINO-D": diversity, "CLIP-D": None if diversity is None else diversity / 2,
+             "PRES": None if omega == 1.0 or dino is None else round(dino - 0.1, 4)}
     per_prompt = [PromptScores(prompt=p, seeds=list(range(files_per_prompt)),
                                files=[f"{k:04d}_{tag}{j}.png" for k in range(files_per_prompt)],
                                scores={"DINO": None if dino is None else dino - 0.01 * j, "CLIP-I": clip_i,
-                                       "CLIP-T": clip_t}) for j, p in enumerate(prompts)]
+                                       "CLIP-T": clip_t, "DINO-D": extra["DINO-D"], "CLIP-D": extra["CLIP-D"]})
+                  for j, p in enumerate(prompts)]
     return Evaluation(setting=Setting(lam, omega), key=f"k{lam}-{omega}", per_prompt=per_prompt,
-                      scores={"DINO": dino, "CLIP-I": clip_i, "CLIP-T": clip_t})
+                      scores={"DINO": dino, "CLIP-I": clip_i, "CLIP-T": clip_t, **extra})
 
 
 def subject_result(folder, subject, method, references, history, prompts) -> SubjectResult:
@@ -215,7 +220,8 @@ def test_summary_table_equals_results(report):
     (table,) = report["tree"].root.find_all("table")[:1]
     header, *body = table.find_all("tr")
     assert [th.text() for th in header.find_all("th")] == ["subject", "method", *METRICS, "λ", "ω"]
-    assert all(len(tr.find_all("td")) == 7 for tr in body)
+    k = len(METRICS)
+    assert all(len(tr.find_all("td")) == k + 4 for tr in body)
     rows = {(tr.attrs["data-subject"], tr.attrs["data-method"]): tr.find_all("td")
             for tr in report["tree"].root.find_all("tr", "best")}
     runs = report["runs"]
@@ -225,13 +231,15 @@ def test_summary_table_equals_results(report):
             cells = rows[(subject.folder, run.method)]
             assert [cells[0].text(), cells[1].text()] == [subject.folder, run.method]
             best = subject.best
-            for cell, metric in zip(cells[2:5], METRICS):
+            for cell, metric in zip(cells[2:2 + k], METRICS):
                 value = best.scores[metric]
                 assert cell.text() == ("—" if value is None else f"{value:.4f}")
                 assert cell.attrs.get("data-value") == (None if value is None else repr(value))
-            assert float(cells[5].attrs["data-value"]) == best.setting.guidance_scale
-            assert cells[6].text() == ("—" if best.setting.omega is None else f"{best.setting.omega:g}")
-    assert rows[("dog2", "cfg")][5].text() == "5" and rows[("dog2", "wig")][6].text() == "0"
+            assert float(cells[2 + k].attrs["data-value"]) == best.setting.guidance_scale
+            assert cells[3 + k].text() == ("—" if best.setting.omega is None else f"{best.setting.omega:g}")
+    assert rows[("dog2", "cfg")][2 + k].text() == "5" and rows[("dog2", "wig")][3 + k].text() == "0"
+    shown = [cell.text() for tr in body for cell in tr.find_all("td")[2:2 + k]]
+    assert "—" in shown and any(text not in ("—", "") for text in shown)  # the new metrics: values and dashes
 
 
 def test_summary_means_and_standard_errors_equal_numpy(report):
@@ -240,7 +248,7 @@ def test_summary_means_and_standard_errors_equal_numpy(report):
         cells = tr.find_all("td")
         n = sum(len(run.subjects) for run in report["runs"] if run.method == tr.attrs["data-method"])
         assert [cell.text() for cell in cells[:2]] == [f"mean ± SE (n = {n})", tr.attrs["data-method"]]
-        means[tr.attrs["data-method"]] = cells[2:5]
+        means[tr.attrs["data-method"]] = cells[2:2 + len(METRICS)]
     assert list(means) == ["cfg", "ag", "wig"]
     for run in report["runs"]:
         for cell, metric in zip(means[run.method], METRICS):

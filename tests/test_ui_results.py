@@ -129,26 +129,32 @@ def test_open_results_shows_the_table_menus_plots_and_gallery(page, client):
                                                                                     api_name="/open_results")
     runs = page["runs"]
     assert list(runs) == ["cfg", "ag", "wig"]
-    assert table["headers"] == ["subject", "method", "DINO", "CLIP-I", "CLIP-T", "λ", "ω"]
+    assert table["headers"] == ["subject", "method", "DINO", "CLIP-I", "CLIP-T", "DINO-D", "CLIP-D", "PRES", "λ",
+                                "ω"]
+    k = len(METRICS)
     best_rows, mean_rows = table["data"][:-3], table["data"][-3:]
     assert [row[:2] for row in best_rows] == [["cat_statue", "cfg"], ["cat_statue", "wig"], ["dog2", "cfg"],
                                               ["dog2", "ag"], ["dog2", "wig"]]
     for folder, method, *cells in best_rows:
         best = result_of(runs, method, folder).best
         for cell, metric in zip(cells, METRICS):
-            assert float(cell) == pytest.approx(best.scores[metric], abs=1e-6), (folder, method, metric)
-        assert float(cells[3]) == pytest.approx(best.setting.guidance_scale, rel=1e-5)
-        assert cells[4] == "—" if best.setting.omega is None else float(cells[4]) == best.setting.omega
+            value = best.scores[metric]  # one image per prompt, no class samples: DINO-D, CLIP-D and PRES are None
+            assert cell == "—" if value is None else float(cell) == pytest.approx(value, abs=1e-6), (folder, metric)
+        assert float(cells[k]) == pytest.approx(best.setting.guidance_scale, rel=1e-5)
+        assert cells[k + 1] == "—" if best.setting.omega is None else float(cells[k + 1]) == best.setting.omega
     with open(page["evaluation"] / "evaluation_summary.csv", newline="") as handle:  # the CLI's numbers
         summary = {(row["subject"], row["method"]): row for row in csv.DictReader(handle)}
     for folder, method, *cells in best_rows:
         row = summary[(folder, method)]
-        assert cells[:4] == [row["DINO"], row["CLIP-I"], row["CLIP-T"], row["guidance_scale"]]
+        assert cells[:k + 1] == [row[metric] or "—" for metric in METRICS] + [row["guidance_scale"]]
     for (label, method, *cells), run in zip(mean_rows, runs.values()):
         n = len(run.subjects)
-        assert (label, method, cells[3:]) == (f"mean ± SE (n = {n})", run.method, ["", ""])
+        assert (label, method, cells[k:]) == (f"mean ± SE (n = {n})", run.method, ["", ""])
         for cell, metric in zip(cells, METRICS):  # by hand: the mean, and the sample std / √n
             values = [subject.best.scores[metric] for subject in run.subjects]
+            if all(value is None for value in values):
+                assert cell == "—"
+                continue
             mean = sum(values) / n
             shown_mean, shown_se = cell.split(" ± ")
             assert float(shown_mean) == pytest.approx(mean, abs=1e-6)

@@ -54,6 +54,10 @@ class EvaluateConfig(ModelSourceOptions, SamplerOptions):
     max_prompts: int | None = Field(None, ge=1, description="Only the first N prompts of each subject.")
     identifier: str = Field("sks", description="The identifier token the LoRAs were trained with.")
     keep_identifier: bool = Field(False, description="Keep the identifier in the CLIP-T text.")
+    class_prompt_samples: int = Field(
+        0, ge=0, description="PRES (prior preservation): sample N images of each prompt without the identifier "
+                             "('a dog in the snow') with the personalized model at each evaluation's guidance "
+                             "setting, and score their DINO similarity to the reference photos (0: no PRES).")
     dino_model: str = Field("facebook/dino-vits16", description="DINO ViT (hub id or path).")
     clip_model: str = Field("openai/clip-vit-base-patch32", description="CLIP model (hub id or path).")
 

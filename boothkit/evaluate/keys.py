@@ -12,7 +12,8 @@ Nothing is keyed by a name, a size or a date. The key holds
   cuda, ...), the negative prompt, the precision,
   the prompt-encoding options the LoRA is sampled with, the method, λ, ω, (ag) the CFG scale s and the guidance
   rescale φ (when not 0: the keys of runs without it are those of the code before φ, whose caches stay valid);
-* the metric models' identities (`--dino_model`, `--clip_model`), the identifier and `--keep_identifier`;
+* the metric models' identities (`--dino_model`, `--clip_model`), the identifier and `--keep_identifier`,
+  and `--class_prompt_samples` (the class-prompt samples and PRES an entry holds);
 * `scoring.SCORING_VERSION` and `sampler.SAMPLING_VERSION`, the versions of boothkit's scoring and sampling
   code, and the versions of the libraries that compute images and scores (torch, diffusers, transformers, peft).
 
@@ -58,6 +59,7 @@ class EvaluationKeys:
             "method": config.method, "cfg_scale": _number(config.cfg_scale) if config.method == "ag" else None,
             "seed": config.seed, "images_per_prompt": config.num_images_per_prompt,
             "identifier": config.identifier, "keep_identifier": config.keep_identifier,
+            "class_prompt_samples": config.class_prompt_samples,
         }
         if config.guidance_rescale != 0.0:  # φ = 0 samples exactly as before φ existed
             self.run_identity["guidance_rescale"] = _number(config.guidance_rescale)

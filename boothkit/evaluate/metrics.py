@@ -1,4 +1,4 @@
-"""The DreamBooth evaluation metrics: DINO, CLIP-I and CLIP-T.
+"""The DreamBooth evaluation metrics: DINO, CLIP-I, CLIP-T, the diversities DINO-D and CLIP-D, and PRES.
 
 * **DINO**: mean cosine similarity, over every (generated, reference) pair, of the CLS embeddings
   (``last_hidden_state[:, 0]``, after the final layer norm) of a self-supervised ViT: DINO (Caron et al. 2021,
@@ -14,6 +14,19 @@
 * **CLIP-T**: mean over generated images of the cosine between the CLIP image embedding and the CLIP text
   embedding of the prompt, with the identifier token removed ("a sks dog" is scored as "a dog") unless
   asked to keep it.
+* **DINO-D** and **CLIP-D** (diversity): the mean, over the unordered pairs i < j of images generated for one
+  prompt, of the cosine distance 1 - cos(e_i, e_j) of their DINO (resp. CLIP image) embeddings; None for fewer
+  than two images. Higher is more diverse. DreamBooth (Ruiz et al. 2023, "DreamBooth: Fine Tuning
+  Text-to-Image Diffusion Models for Subject-Driven Generation", CVPR, §4.3) defines its diversity DIV with
+  LPIPS (Zhang et al. 2018), averaged over pairs of images generated for the same subject and prompt; DINO-D
+  and CLIP-D are that pairwise average with DINO and CLIP embedding distances instead of LPIPS (as later
+  personalization papers report diversity), so they are not DreamBooth's DIV numbers. The embeddings the other
+  metrics compute are reused (no image is embedded twice).
+* **PRES** (prior preservation, DreamBooth §4.3: "the average pairwise DINO similarity between generated images
+  of random subjects of the prior class and real images of our specific subject"): the mean cosine, over every
+  (class-prompt sample, reference photo) pair, of their DINO embeddings. The class-prompt samples are images the
+  personalized model generates from the prompt without the identifier ("a dog in the snow"). Lower is better:
+  a high PRES means the class collapsed onto the subject (language drift).
 
 All scores are plain cosines in [-1, 1] (CLIP-T is not multiplied by 100 nor clipped at 0).
 Reference embeddings are computed once per subject (`SubjectMetrics.references`) and reused.
@@ -335,6 +348,17 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() @ b.float().to(a.device).T).mean())
 
 
+def mean_pairwise_distance(embeddings: torch.Tensor) -> float | None:
+    """Mean cosine distance 1 - cos(e_i, e_j) over the unordered pairs i < j of unit-norm rows (N, D) (the
+    diversity of N images, DINO-D / CLIP-D); None when N < 2 (no pair)."""
+    count = embeddings.shape[0]
+    if count < 2:
+        return None
+    rows = embeddings.double()
+    i, j = torch.triu_indices(count, count, offset=1)
+    return float((1.0 - (rows[i] * rows[j]).sum(dim=-1)).mean())
+
+
 @dataclass
 class ReferenceEmbeddings:
     """A subject's reference photos, embedded once: DINO (N, D) and CLIP (N, D'), unit-norm rows."""
@@ -358,18 +382,27 @@ class SubjectMetrics:
         return ReferenceEmbeddings(self.dino.embed(images), self.clip.embed_images(images), len(images))
 
     def score(self, images: list[Image.Image], prompt: str | None, references: ReferenceEmbeddings,
-              identifier: str = "sks", keep_identifier: bool = False) -> dict[str, float]:
-        """{"DINO", "CLIP-I", "CLIP-T" (only with a prompt), "n_images", "n_references"}."""
+              identifier: str = "sks", keep_identifier: bool = False) -> dict[str, float | None]:
+        """{"DINO", "CLIP-I", "CLIP-T" (only with a prompt), "DINO-D", "CLIP-D" (the images taken as the samples
+        of one prompt; None for a single image), "n_images", "n_references"}. Each image is embedded once."""
         if not images:
             raise BoothkitError("no generated images to score")
-        clip_images = self.clip.embed_images(images)
-        scores: dict[str, float] = {
-            "DINO": mean_cosine(self.dino.embed(images), references.dino),
+        dino_images, clip_images = self.dino.embed(images), self.clip.embed_images(images)
+        scores: dict[str, float | None] = {
+            "DINO": mean_cosine(dino_images, references.dino),
             "CLIP-I": mean_cosine(clip_images, references.clip),
         }
         if prompt is not None:
             text = prompt if keep_identifier else strip_identifier(prompt, identifier)
             scores["CLIP-T"] = mean_cosine(clip_images, self.clip.embed_texts([text]))
+        scores["DINO-D"] = mean_pairwise_distance(dino_images)
+        scores["CLIP-D"] = mean_pairwise_distance(clip_images)
         scores["n_images"] = len(images)
         scores["n_references"] = references.count
         return scores
+
+    def preservation(self, class_images: list[Image.Image], references: ReferenceEmbeddings) -> float:
+        """PRES: the mean DINO cosine over every (class-prompt sample, reference photo) pair (lower: less collapse)."""
+        if not class_images:
+            raise BoothkitError("no class-prompt images to score")
+        return mean_cosine(self.dino.embed(class_images), references.dino)

@@ -121,6 +121,11 @@ def _is_best_image(name: str, method: str) -> bool:
     return len(parts) == 3 and parts[1] == method and parts[0] not in (CACHE_DIR, SUBJECTS_DIR)
 
 
+SUMMARY_METRICS: tuple[str, ...] = ("CLIP-I", "CLIP-T", "DINO", "DINO-D", "CLIP-D", "PRES")
+"""The CSV's metric columns: the seed's three first, in its order, then the diversities and PRES (every metric of
+`results.METRICS`; a metric an evaluation lacks is an empty cell)."""
+
+
 def summary_rows(runs: list[MethodResults]) -> list[dict]:
     """One row per (subject, method), subjects in folder order: the best evaluation's scores and setting."""
     with_omega = any(run.method == "wig" for run in runs)
@@ -130,7 +135,7 @@ def summary_rows(runs: list[MethodResults]) -> list[dict]:
             scores, setting = subject.best.scores, subject.best.setting
             row = {"subject": subject.folder, "method": run.method, "num_prompts": len(subject.prompts),
                    **{metric: "" if scores.get(metric) is None else f"{scores[metric]:.6f}"
-                      for metric in ("CLIP-I", "CLIP-T", "DINO")},
+                      for metric in SUMMARY_METRICS},
                    "guidance_scale": f"{setting.guidance_scale:.6g}"}
             if with_omega:
                 row["omega"] = "" if setting.omega is None else f"{setting.omega:.6g}"

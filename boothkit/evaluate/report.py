@@ -1,6 +1,7 @@
 """report.html: one page comparing every method evaluated into an evaluation folder (issue 9, section 7).
 
-The page holds (1) a table of each subject's best evaluation per method (DINO, CLIP-I, CLIP-T, λ, ω) and
+The page holds (1) a table of each subject's best evaluation per method (DINO, CLIP-I, CLIP-T, the diversities
+DINO-D and CLIP-D, PRES, λ, ω) and
 each method's mean ± standard error over subjects, and per subject (2) its λ → DINO curves, sorted by λ with
 one line per ω, (3) the DINO vs CLIP-T trade-off of every evaluation with the Pareto front marked, and (4) its
 reference photos beside each method's best samples.
@@ -26,6 +27,11 @@ from boothkit.evaluate.results import METRICS, MethodResults, Setting, SubjectRe
 from boothkit.layout import OutputFolder
 
 REPORT_NAME = "report.html"
+METRIC_LEGEND = ("DINO, CLIP-I: similarity of the samples to the reference photos; CLIP-T: to the prompt; DINO-D, "
+                 "CLIP-D: diversity, mean pairwise distance 1 − cos between the samples of one prompt (higher: more "
+                 "diverse; — with one image per prompt); PRES: DINO similarity of the class-prompt samples "
+                 "(--class_prompt_samples) to the reference photos (lower: less collapse of the class onto the "
+                 "subject). The best evaluation is chosen by DINO alone.")
 THUMBNAIL_PX = 160  # longest side of an embedded reference thumbnail
 DASH = "—"  # a missing value
 _STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
@@ -294,7 +300,7 @@ def render_report(runs: list[MethodResults]) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>boothkit evaluation: {methods}</title>"
             f"<style>{_STYLE}</style></head><body><h1>boothkit evaluation: {methods}</h1><ul>{described}</ul>"
             f"<p>Best evaluation (highest DINO) of each subject and method; mean ± standard error (sample std / "
-            f"√n) over subjects.</p>{_summary_table(runs, with_omega)}{sections}</body></html>")
+            f"√n) over subjects. {METRIC_LEGEND}</p>{_summary_table(runs, with_omega)}{sections}</body></html>")
 
 
 def write_report(folder: OutputFolder, runs: list[MethodResults]) -> Path:

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-METRICS: tuple[str, ...] = ("DINO", "CLIP-I", "CLIP-T")
+PROMPT_METRICS: tuple[str, ...] = ("DINO", "CLIP-I", "CLIP-T", "DINO-D", "CLIP-D")
+"""The metrics of one prompt's images (`PromptScores.scores`); an evaluation's are their means over prompts."""
+METRICS: tuple[str, ...] = PROMPT_METRICS + ("PRES",)
+"""An evaluation's metrics (`Evaluation.scores`), in the order of the report's and the Results tab's columns.
+PRES comes from the class-prompt samples (`Evaluation.class_samples`), None when none were asked for."""
 
 
 @dataclass(frozen=True)
@@ -27,22 +31,30 @@ class PromptScores:
     prompt: str
     seeds: list[int]
     files: list[str]
-    scores: dict[str, float | None]  # keyed by METRICS
+    scores: dict[str, float | None]  # keyed by PROMPT_METRICS (a class-prompt row: by "PRES")
 
 
 @dataclass
 class Evaluation:
-    """One setting evaluated for one subject: per-prompt scores and their means."""
+    """One setting evaluated for one subject: per-prompt scores and their means, and (when asked) the
+    class-prompt samples that give PRES."""
 
     setting: Setting
     key: str  # the cache key (content identity of everything that made these images and scores)
-    scores: dict[str, float | None]  # keyed by METRICS: means over prompts
+    scores: dict[str, float | None]  # keyed by METRICS: means over prompts (PRES: over all class samples)
     per_prompt: list[PromptScores]
     sampler: dict = field(default_factory=dict)  # steps, scheduler, height, width as resolved
+    class_samples: list[PromptScores] = field(default_factory=list)  # one per class prompt; empty without PRES
 
     @property
     def images(self) -> list[str]:
+        """The images of the evaluation prompts (the best evaluation's are copied out of the cache)."""
         return [name for prompt in self.per_prompt for name in prompt.files]
+
+    @property
+    def class_images(self) -> list[str]:
+        """The class-prompt samples (kept in the cache entry only)."""
+        return [name for prompt in self.class_samples for name in prompt.files]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -51,7 +63,8 @@ class Evaluation:
     def from_json(data: dict) -> "Evaluation":
         return Evaluation(setting=Setting(**data["setting"]), key=data["key"], scores=dict(data["scores"]),
                           per_prompt=[PromptScores(**row) for row in data["per_prompt"]],
-                          sampler=dict(data.get("sampler", {})))
+                          sampler=dict(data.get("sampler", {})),
+                          class_samples=[PromptScores(**row) for row in data.get("class_samples", [])])
 
 
 @dataclass

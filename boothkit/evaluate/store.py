@@ -5,8 +5,9 @@ writing it. Other processes (subjects split across processes) hold no lock: they
 side manifest (`layout.RankClaims`) before writing it, so every file boothkit wrote is accounted for even when
 the run is killed before the processes meet again (a rerun reuses those files, `--overwrite` removes them).
 
-Cache entries live at `cache/<folder>/<key>/`: the images and `scores.json` (an `Evaluation`), published
-atomically, `scores.json` last; an entry is complete when `scores.json` and every image it lists exist.
+Cache entries live at `cache/<folder>/<key>/`: the images (with `--class_prompt_samples`, the class-prompt
+samples too) and `scores.json` (an `Evaluation`), published atomically, `scores.json` last; an entry is complete
+when `scores.json` holds every metric of `results.METRICS` and every image it lists exists.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from boothkit import layout
-from boothkit.evaluate.results import Evaluation
+from boothkit.evaluate.results import METRICS, Evaluation
 from boothkit.io import atomic_path
 
 CACHE_DIR = "cache"
@@ -61,21 +62,23 @@ class CacheStore:
             evaluation = Evaluation.from_json(json.loads(scores.read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError, TypeError):
             return None  # damaged: evaluated again and replaced
-        if evaluation.key != key or not all((scores.parent / name).is_file() for name in evaluation.images):
+        if evaluation.key != key or not set(METRICS) <= set(evaluation.scores):
+            return None  # another entry's, or written by a boothkit without some metric: evaluated again
+        if not all((scores.parent / name).is_file() for name in evaluation.images + evaluation.class_images):
             return None
         return evaluation
 
     def files(self, folder: str, evaluation: Evaluation) -> list[PurePosixPath]:
         """The entry's files, relative to the evaluation folder (`scores.json` last)."""
         entry = self.entry(folder, evaluation.key)
-        return [entry / name for name in evaluation.images] + [entry / SCORES_NAME]
+        return [entry / name for name in evaluation.images + evaluation.class_images] + [entry / SCORES_NAME]
 
     def store(self, folder: str, evaluation: Evaluation, images: dict[str, Image.Image]) -> None:
         """Write an entry: `images` by file name, then `scores.json`."""
         self.writer.claim(*self.files(folder, evaluation))
         with atomic_path(self.path(folder, evaluation.key)) as staging:
             staging.mkdir()
-            for name in evaluation.images:
+            for name in evaluation.images + evaluation.class_images:
                 images[name].save(staging / name, format="PNG")
             with open(staging / SCORES_NAME, "w", encoding="utf-8") as handle:
                 json.dump(evaluation.to_json(), handle, indent=2)
