@@ -20,6 +20,7 @@ from boothkit.train.config import TrainConfig
 from boothkit.train.data import ImageGeometry, ImageOptions
 from boothkit.train.losses import pdm_distance, weighted_mean
 from boothkit.train.regularizers import prepare_regularizers
+from test_sdxl import sdxl  # noqa: F401  (fixture)
 from test_train import assert_one_line_error
 
 PROMPTS = ["--instance_prompt", "a photo of sks dog", "--class_prompt", "a photo of dog"]
@@ -205,3 +206,29 @@ def test_a_missing_mask_names_the_photo(run_cli, sd15, tmp_path):
     assert_one_line_error(run_cli("train", "--pretrained_model_name_or_path", sd15, "--instance_data_dir",
                                   sample_subject_dir(), "--output_dir", tmp_path / "o", *PROMPTS, "--mask_dm",
                                   "--mask_dir", folder), "no mask for photo '03.jpg'")
+
+
+def test_pdm_in_a_full_fine_tuning_run(run_cli, sd15, tmp_path):
+    out = train(run_cli, sd15, tmp_path / "full", "--train_mode", "full", "--use_pdm", "--pdm_inversion_steps", "4",
+                "--pdm_timesteps", "2")
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file() and len(losses(out)) == 3
+
+
+def test_pdm_on_sdxl_uses_its_last_up_block_with_attention(run_cli, sdxl, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from boothkit.train.pdm import default_pdm_layer
+
+    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
+    layer = default_pdm_layer(unet)
+    assert unet.get_submodule(layer).is_cross_attention is False and layer.endswith("transformer_blocks.0.attn1")
+    out = train(run_cli, sdxl, tmp_path / "sdxl", "--use_pdm", "--pdm_inversion_steps", "4", "--pdm_timesteps", "2",
+                "--mask_dm", "--mask_dir", masks_like(sample_subject_dir(), tmp_path / "m",
+                                                      lambda w, h: np.full((h, w), 255, np.uint8)), "--mask_pdm")
+    assert len(losses(out)) == 3
+
+
+def test_pdm_on_a_flow_matching_model_is_refused(run_cli, sana, tmp_path):
+    assert_one_line_error(run_cli("train", "--pretrained_model_name_or_path", sana, "--instance_data_dir",
+                                  sample_subject_dir(), "--output_dir", tmp_path / "o", *PROMPTS, "--use_pdm"),
+                          "--use_pdm needs a DDPM model")

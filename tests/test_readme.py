@@ -42,10 +42,11 @@ MODEL_IDS = {
     "facebook/dino-vits16": "dino",
     "facebook/dinov2-small": "dinov2",
     "openai/clip-vit-base-patch32": "clip",
+    "CIDAS/clipseg-rd64-refined": "clipseg",
 }
 MODEL_FLAGS = {"--pretrained_model_name_or_path", "--pretrained_model_path", "--pretrained_vae_model_name_or_path",
                "--base_model",
-               "--dino_model", "--clip_model"}
+               "--dino_model", "--clip_model", "--mask_model"}
 
 # Amounts only: steps, images, evaluations. The metric models are the tiny ones (the defaults are hub ids).
 FAST_OVERRIDES = {

@@ -1,6 +1,6 @@
 """PDMBooth's semantic regularization (the PDM term) for DDPM families (SD 1.x/2.x, SDXL).
 
-PDMBooth (Malca et al., github.com/Orimalca/PDMBooth, 2025) adds to DreamBooth a term built on the PDM distance
+PDMBooth (github.com/Orimalca/PDMBooth, 2025) adds to DreamBooth a term built on the PDM distance
 of the diffusion-feature matching work it builds on: an image's features are the **self-attention queries** of
 one UNet block (the paper's: `up_blocks.3.attentions.2.transformer_blocks.0.attn1` of SD 1.x) of the frozen
 model along the **DDIM inversion** of the image (Song et al. 2021, DDIM, Sec. 4.3 run backwards), and the

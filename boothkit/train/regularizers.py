@@ -119,7 +119,7 @@ def _save_masks(folder, photos: list[Path], pictures: list[Image.Image], masks: 
 
 def _prepare_pdm(regularizers: Regularizers, config, family: ModelFamily, images: ConceptImages,
                  photos: list[Path], device: torch.device) -> None:
-    if not hasattr(family, "noise_scheduler"):
+    if not hasattr(family, "timestep_snr"):  # DDPM families (the trainer tests min-SNR the same way)
         raise BoothkitError(f"--use_pdm needs a DDPM model (SD 1.x/2.x, SDXL); {family.name} trains with flow "
                             "matching")
     layer = config.pdm_layer or pdm.default_pdm_layer(family.denoiser)
