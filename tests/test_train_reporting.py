@@ -11,11 +11,18 @@ import pytest
 from PIL import Image
 
 from boothkit.config import validate_config
+from boothkit.families.sd import StableDiffusionFamily
 from boothkit.train.config import TrainConfig
 
 from test_train import read_log, train_args
 
 PROMPTS = ["a sks dog in the snow", "a sks dog on the beach"]
+
+
+@pytest.fixture(autouse=True)
+def quick_validation(monkeypatch):
+    """Validation images in 2 denoising steps instead of 50: these tests check where images go, not how good."""
+    monkeypatch.setattr(StableDiffusionFamily, "default_inference_steps", 2)
 
 
 def two_prompt_run(sd15, instance_dir, out, *extra) -> list[str]:
