@@ -127,3 +127,18 @@ def test_validation_prompt_accepts_one_prompt_a_list_and_the_test_prompts_alias(
     assert validate_config(TrainConfig, dict(base, test_prompts=["a", "b"])).validation_prompt == ["a", "b"]
     assert validate_config(TrainConfig, base).validation_prompt == []
     assert validate_config(TrainConfig, base).report_to == "none"
+
+
+def test_a_concepts_list_may_give_a_concept_several_validation_prompts(tmp_path):
+    from boothkit.train.concepts import ConceptImages, ValidationPrompt, read_concepts
+    from boothkit.train.validation import validation_image_names
+
+    listed = tmp_path / "concepts.json"
+    listed.write_text(json.dumps([{"instance_prompt": "zwx dog", "instance_data_dir": "a", "validation_prompt": "v"},
+                                  {"instance_prompt": "qkp cat", "instance_data_dir": "b",
+                                   "validation_prompt": ["c1", "c2"]}]))
+    validations = ConceptImages(read_concepts(listed), [[], []]).validations()
+    assert validations == [ValidationPrompt(0, None, "v"), ValidationPrompt(1, 0, "c1"), ValidationPrompt(1, 1, "c2")]
+    assert [validation_image_names(3, 1, concept, index)[0] for concept, index, _ in validations] == [
+        "validation/concept-0/step-000003_0.png", "validation/concept-1/prompt-0/step-000003_0.png",
+        "validation/concept-1/prompt-1/step-000003_0.png"]
