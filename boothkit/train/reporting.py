@@ -79,7 +79,7 @@ class Reporter:
     def log_validation(self, step: int, folder: str, prompt: str, paths: list[Path]) -> None:
         """The images of one validation prompt (as saved, 8-bit RGB) and the prompt."""
         tracker = self.accelerator.get_tracker(self.report_to, unwrap=False)
-        pixels = {f"{folder}/{index}": np.asarray(Image.open(path).convert("RGB")) for index, path in enumerate(paths)}
+        pixels = {f"{folder}/{index}": _rgb(path) for index, path in enumerate(paths)}
         if self.report_to == "tensorboard":  # SummaryWriter.add_images: one (1, H, W, 3) batch per tag
             tracker.log_images({tag: image[None] for tag, image in pixels.items()}, step=step, dataformats="NHWC")
         else:  # wandb.Image of each
@@ -91,3 +91,8 @@ class Reporter:
         """Close the tracker (flushes the last events) and record what it wrote."""
         self.accelerator.end_training()
         self.record_files()
+
+
+def _rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
