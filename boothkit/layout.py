@@ -38,6 +38,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAIN_CONFIG_NAME = "train_config.json"
 TRAIN_LOG_NAME = "train_log.csv"
 VALIDATION_DIR = "validation"
+VALIDATION_PROMPTS_NAME = "validation/prompts.json"  # which prompt each validation folder shows (several prompts)
+LOGS_DIR = "logs"  # `--report_to`: TensorBoard event files / W&B's folder
 SAMPLES_NAME = "samples.json"
 MANIFEST_NAME = ".boothkit-manifest.json"
 RANK_MANIFEST_GLOB = ".boothkit-manifest.rank*.json"  # what other ranks of a distributed run claimed
@@ -265,6 +267,23 @@ class OutputFolder:
             destination.parent.mkdir(parents=True, exist_ok=True)
             os.replace(Path(staging) / relative, destination)
         return [self.root / target for target in targets]
+
+    def record_created(self, relative_folder: str | os.PathLike, existing: set[str]) -> list[str]:
+        """Record the files a library has just created under `relative_folder` with names it chose itself (TensorBoard's
+        `events.out.tfevents.<time>.<host>.<pid>.<n>`), which cannot be claimed before they exist: every file there
+        that was not in `existing` (`files_under` just before the library started) and is not yet recorded. A file
+        that was there before, a user's, is never taken. Returns the names recorded."""
+        new = sorted(set(self.files_under(relative_folder)) - set(existing) - self.files)
+        if new:
+            self.files |= set(new)
+            self._save_manifest()
+        return new
+
+    def files_under(self, relative_folder: str | os.PathLike) -> list[str]:
+        """Names (relative to the root) of the files under `relative_folder`, boothkit's own files aside."""
+        folder = self.root / relative_folder
+        return sorted(path.relative_to(self.root).as_posix() for path in folder.rglob("*")
+                      if (path.is_file() or path.is_symlink()) and not _is_own(path.name)) if folder.is_dir() else []
 
     def users_files(self, *prefixes: str) -> list[str]:
         """Files under `prefixes` (relative paths of files or folders) that boothkit did not write here."""

@@ -7,7 +7,7 @@ A concept is a subject's photos with their prompt and, for prior preservation, i
       "validation_prompt": "zwx dog in the snow"}, ...]
 
 (the `concepts_list` of the specification and of ShivamShrirao's trainer; `num_class_images`, `repeats` and
-`validation_prompt` are optional). kohya users write the same in TOML:
+`validation_prompt` are optional; `validation_prompt` may also be a list of prompts). kohya users write the same in TOML:
 
     [[datasets]]
     [[datasets.subsets]]
@@ -31,6 +31,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,7 +48,22 @@ class Concept(BaseModel):
     class_data_dir: str | None = None
     num_class_images: int | None = Field(None, ge=1)
     repeats: int = Field(1, ge=1)
-    validation_prompt: str | None = None
+    validation_prompt: str | list[str] | None = None  # one prompt or several
+
+    @property
+    def validation_prompts(self) -> list[str]:
+        """The concept's validation prompts (empty ones left out)."""
+        prompts = [self.validation_prompt] if isinstance(self.validation_prompt, str) else self.validation_prompt or []
+        return [prompt for prompt in prompts if prompt]
+
+
+class ValidationPrompt(NamedTuple):
+    """One validation prompt of a run. `concept`: its concept's index, None in a single-concept run; `index`: its
+    place among the concept's prompts, None when the concept has one (file names: `validation_image_names`)."""
+
+    concept: int | None
+    index: int | None
+    prompt: str
 
 
 def concepts_of(config) -> list[Concept]:
@@ -196,10 +212,11 @@ class ConceptImages:
             start += len(files)
         return indices
 
-    def validations(self) -> list[tuple[int | None, str]]:
-        """(concept index, or None for a single concept; validation prompt) of the concepts that validate."""
+    def validations(self) -> list[ValidationPrompt]:
+        """Every validation prompt of every concept, in order (concepts without one add none)."""
         single = len(self.concepts) == 1
-        return [(None if single else k, c.validation_prompt) for k, c in enumerate(self.concepts) if c.validation_prompt]
+        return [ValidationPrompt(None if single else k, j if len(c.validation_prompts) > 1 else None, prompt)
+                for k, c in enumerate(self.concepts) for j, prompt in enumerate(c.validation_prompts)]
 
 
 class RowPicker:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from boothkit.config import ModelSourceOptions
 from boothkit.train.pdm_config import PdmOptions
@@ -88,7 +88,11 @@ class TrainConfig(PdmOptions, ModelSourceOptions):
     complex_human_instruction: bool = Field(True, description="SANA: prepend the pipeline's complex human "
                                                               "instruction to prompts (as SanaPipeline does).")
     # Validation, checkpoints, weak checkpoint.
-    validation_prompt: str | None = Field(None, description="Prompt for validation images.")
+    validation_prompt: list[str] = Field(
+        default_factory=list, validation_alias=AliasChoices("validation_prompt", "test_prompts"),
+        description="Prompt for validation images; several: each prompt's images in validation/prompt-K/ and "
+                    "validation/prompts.json says which is which (--test_prompts is an alias).",
+        json_schema_extra={"repeatable": True})
     num_validation_images: int = Field(4, ge=1, description="Validation images per validation.")
     validation_steps: int = Field(100, ge=1, description="Validate every N steps (and at the end).")
     checkpointing_steps: int = Field(100, ge=1, description="Save resumable state every N steps.")
@@ -99,6 +103,17 @@ class TrainConfig(PdmOptions, ModelSourceOptions):
     weak_checkpoint_step: int | None = Field(
         None, ge=0, description="Step of the weak LoRA for autoguidance (default 20% of max_train_steps; 0 disables)."
     )
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="Also log loss, lr and validation images to TensorBoard (event files in OUTPUT_DIR/logs; "
+                            "pip install 'boothkit[tensorboard]') or Weights & Biases (pip install 'boothkit[wandb]').")
+
+    @field_validator("validation_prompt", mode="before")
+    @classmethod
+    def _one_or_more_prompts(cls, value):
+        """One prompt (a config file's string, the UI's field) or none (null) is accepted as well as a list."""
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":

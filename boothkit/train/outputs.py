@@ -8,7 +8,8 @@ from importlib import metadata
 from pathlib import Path
 
 from boothkit.io import write_json_atomic, write_text_atomic
-from boothkit.layout import LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME, TRAIN_LOG_NAME, OutputFolder, lora_file, weak_dir
+from boothkit.layout import (LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME, TRAIN_LOG_NAME, VALIDATION_PROMPTS_NAME, OutputFolder,
+                             lora_file, weak_dir)
 from boothkit.train.config import TrainConfig
 from boothkit.train.validation import validation_image_names
 
@@ -25,7 +26,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def planned_outputs(config: TrainConfig, start_step: int, validations: list[tuple[int | None, str]]) -> list[str]:
+def planned_outputs(config: TrainConfig, start_step: int, validations: list) -> list[str]:
     """Every file (relative to the output folder) that a run from `start_step` to `max_train_steps` writes,
     checkpoints aside (claimed as they come): claimed before the first step, so that a user's file in the way
     stops the run before any training, not after it."""
@@ -37,8 +38,10 @@ def planned_outputs(config: TrainConfig, start_step: int, validations: list[tupl
         names.append(lora_file(weak_dir("")).as_posix())
     steps = [step for step in range(start_step + 1, config.max_train_steps)
              if step % config.validation_steps == 0] + [config.max_train_steps]
-    names += [name for concept, _ in validations for step in steps
-              for name in validation_image_names(step, config.num_validation_images, concept)]
+    names += [name for concept, index, _ in validations for step in steps
+              for name in validation_image_names(step, config.num_validation_images, concept, index)]
+    if len(validations) > 1:  # `boothkit.train.concepts.ValidationPrompt`s
+        names.append(VALIDATION_PROMPTS_NAME)
     return names
 
 

@@ -27,11 +27,11 @@ from boothkit.data.images import load_image_folder, warn_small_images
 from boothkit.errors import BoothkitError
 from boothkit.families import FamilyOptions, ModelFamily, family_class_for, load_family, read_model_index, weights_dtype
 from boothkit.families.base import Conditioning
-from boothkit.layout import (LORA_WEIGHT_NAME, TRAIN_LOG_NAME, WEAK_DIR, OutputFolder, check_output_folder,
-                             lora_file, weak_dir)
+from boothkit.layout import (LORA_WEIGHT_NAME, TRAIN_LOG_NAME, VALIDATION_PROMPTS_NAME, WEAK_DIR, OutputFolder,
+                             check_output_folder, lora_file, weak_dir)
 from boothkit.train import checkpoint as ckpt
 from boothkit.train.class_images import concept_class_images
-from boothkit.train.concepts import Concept, ConceptImages, RowPicker, concepts_of
+from boothkit.train.concepts import Concept, ConceptImages, RowPicker, ValidationPrompt, concepts_of
 from boothkit.train.config import TrainConfig
 from boothkit.train import full
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
@@ -41,8 +41,10 @@ from boothkit.train.lora import (attach_adapters, lora_targets, prompt_encoding_
 from boothkit.train.regularizers import Regularizers, prepare_regularizers
 from boothkit.train.optim import make_optimizer, parameter_groups, restore, text_encoder_lr
 from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
+from boothkit.train import reporting
 from boothkit.train.run_identity import check_same_run, run_identity
-from boothkit.train.validation import save_validation_images, validation_image_names
+from boothkit.train.validation import (record_validation_prompts, save_validation_images, validation_folder,
+                                       validation_image_names)
 
 log = logging.getLogger(__name__)
 WEAK_LORA = lora_file(weak_dir(""))  # weak/pytorch_lora_weights.safetensors, relative to the output folder
@@ -82,6 +84,7 @@ class Run:
     picker: RowPicker  # which photo each row of a batch uses
     ema: EMAModel | None = None  # --use_ema (full fine-tuning)
     regularizers: Regularizers | None = None  # PDMBooth's masks and PDM targets
+    reporter: reporting.Reporter | None = None  # --report_to (main process only)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -90,6 +93,7 @@ def train(config: TrainConfig) -> TrainResult:
     Every process checks the output folder before any writes there; the main process then holds it (lock and
     manifest, `boothkit.layout`) for the whole run and is the only one that writes into it.
     """
+    reporting.check_available(config.report_to)  # before the output folder is touched
     accelerator = _accelerator(config)
     resume_path = ckpt.resolve_resume(config.output_dir, config.resume_from_checkpoint)
     own_checkpoint = resume_path is not None and ckpt.is_own_checkpoint(config.output_dir, resume_path)
@@ -100,12 +104,17 @@ def train(config: TrainConfig) -> TrainResult:
     main = accelerator.is_main_process
     with OutputFolder(output_dir, "train") if main else contextlib.nullcontext() as folder:
         run = _prepare(config, accelerator, folder, resume_path, images)
-        loss = _train_steps(run)
-        lora_path = lora_file(output_dir)
-        full.release_optimizer_state(run.optimizer)
-        if main:
-            _save_model(run, weak=False)
-            _validate(run, config.max_train_steps)
+        run.reporter = reporting.Reporter.start(config, accelerator, folder, run.start_step)
+        try:
+            loss = _train_steps(run)
+            lora_path = lora_file(output_dir)
+            full.release_optimizer_state(run.optimizer)
+            if main:
+                _save_model(run, weak=False)
+                _validate(run, config.max_train_steps)
+        finally:
+            if run.reporter is not None:
+                run.reporter.finish()
         accelerator.wait_for_everyone()
     if config.train_mode == "full":
         weak = output_dir / WEAK_DIR
@@ -159,6 +168,8 @@ def _train_steps(run: Run) -> float:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if main:
                 train_log.append(step, loss, lr)
+                if run.reporter is not None:
+                    run.reporter.log_step(step, loss, lr)
                 _after_step(run, step)
     finally:
         bar.close()
@@ -192,11 +203,17 @@ def _after_step(run: Run, step: int) -> None:
 
 
 def _validate(run: Run, step: int) -> None:
-    """Validation images of every concept that has a validation prompt (with `--use_ema`: of the average)."""
-    for concept, prompt in run.images.validations():
-        paths = run.folder.claim(*validation_image_names(step, run.config.num_validation_images, concept))
+    """Validation images of every validation prompt of every concept (with `--use_ema`: of the average); with
+    several prompts, `validation/prompts.json` says which folder shows which."""
+    validations = run.images.validations()
+    for concept, index, prompt in validations:
+        paths = run.folder.claim(*validation_image_names(step, run.config.num_validation_images, concept, index))
         with run.accelerator.autocast(), full.averaged_weights(run.ema, run.parameters):
             save_validation_images(run.family, prompt, run.config.seed, run.resolution, paths)
+        if run.reporter is not None:
+            run.reporter.log_validation(step, validation_folder(concept, index), prompt, paths)
+    if len(validations) > 1:
+        record_validation_prompts(run.folder.path(VALIDATION_PROMPTS_NAME), validations, step)
 
 
 def _save_checkpoint(run: Run, step: int) -> None:
@@ -416,7 +433,7 @@ def _on_main_process(accelerator: Accelerator, action) -> None:
 
 
 def _claim_output_dir(config: TrainConfig, family: ModelFamily, folder: OutputFolder, resumed: ckpt.Checkpoint | None,
-                      resume_path: Path | None, validations: list[tuple[int | None, str]]) -> None:
+                      resume_path: Path | None, validations: list[ValidationPrompt]) -> None:
     """Main process, before the first step: tidy the folder, then claim every file the run will write, so that a
     user's file in the way ends the run now rather than after all its steps."""
     _tidy_output_dir(config, folder, resumed, resume_path)
@@ -461,7 +478,8 @@ def _accelerator(config: TrainConfig) -> Accelerator:
         family = family_class_for(read_model_index(config.pretrained_model_name_or_path, config.revision),
                                   config.pretrained_model_name_or_path)
         precision = family.default_gpu_precision  # SANA: bf16 (fp16 gives NaNs)
-    return Accelerator(mixed_precision=precision)
+    return Accelerator(mixed_precision=precision, log_with=reporting.log_with(config.report_to),
+                       project_dir=str(Path(config.output_dir).expanduser()))
 
 
 @torch.no_grad()
