@@ -26,7 +26,7 @@ from boothkit.identity import file_digest, model_identity, value_digest
 from boothkit.train import pdm
 from boothkit.train.concepts import ConceptImages
 from boothkit.train.data import ImageGeometry, ImageOptions, LatentBank
-from boothkit.train.losses import mask_weights, pdm_distance
+from boothkit.train.losses import mask_weights, pdm_distance, weighted_mean
 
 log = logging.getLogger(__name__)
 MASKS_DIR = "masks"
@@ -73,6 +73,19 @@ class Regularizers:
         if self.token_weights is not None:
             weights = torch.stack([self.token_weights[i] for i, _, _ in rows]).to(device)
         return pdm_distance(queries[0], targets, weights)
+
+
+def per_sample_loss(regularizers: Regularizers | None, prediction: torch.Tensor, target: torch.Tensor,
+                    instance_rows: int, drawn: list[tuple[int, ImageGeometry]]) -> torch.Tensor:
+    """Each row's mean squared error; with --mask_dm the instance rows' (the first `instance_rows`) weighted by
+    their subject mask as drawn (`drawn`: each row's bank index and geometry)."""
+    squared = (prediction - target) ** 2
+    if regularizers is None or not regularizers.config.mask_dm:
+        return squared.flatten(1).mean(1)
+    weights = torch.cat([regularizers.instance_weights(index, geometry, tuple(squared.shape[-2:]))
+                         for index, geometry in drawn[:instance_rows]]).to(squared.device)
+    masked = weighted_mean(squared[:instance_rows], weights)
+    return torch.cat([masked, squared[instance_rows:].flatten(1).mean(1)])
 
 
 def prepare_regularizers(config, family: ModelFamily, images: ConceptImages, options: ImageOptions,

@@ -35,10 +35,10 @@ from boothkit.train.concepts import Concept, ConceptImages, RowPicker, Validatio
 from boothkit.train.config import TrainConfig
 from boothkit.train import full
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
-from boothkit.train.losses import min_snr_weights, weighted_mean
+from boothkit.train.losses import min_snr_weights
 from boothkit.train.lora import (attach_adapters, lora_targets, prompt_encoding_settings, save_lora,
                                  trainable_parameters, trainable_state, training_description)
-from boothkit.train.regularizers import Regularizers, prepare_regularizers
+from boothkit.train.regularizers import Regularizers, per_sample_loss, prepare_regularizers
 from boothkit.train.optim import make_optimizer, parameter_groups, restore, text_encoder_lr
 from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
 from boothkit.train import reporting
@@ -277,8 +277,8 @@ def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
                                                           latents.device))
     noisy, timesteps, target, weights = family.training_sample(latents, noise, timestep_generators)
     prediction = family.predict(noisy, timesteps, conditioning, denoiser=run.denoiser)
-    per_sample = _per_sample_loss(run, prediction.float(), target.float(), [geometry for _, geometry in drawn],
-                                  [index for _, _, _, index, _ in rows]) * weights
+    per_sample = per_sample_loss(run.regularizers, prediction.float(), target.float(), len(positions),
+                                 [(index, geometry) for (_, _, _, index, _), (_, geometry) in zip(rows, drawn)]) * weights
     if config.snr_gamma is not None:  # the instance rows come first; the prior loss stays unweighted
         snr_weights = torch.ones_like(per_sample)
         snr_weights[:len(positions)] = min_snr_weights(family.timestep_snr(timesteps[:len(positions)]),
@@ -293,19 +293,6 @@ def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
         loss = loss + config.pdm_loss_weight * run.regularizers.pdm_term(
             family, run.denoiser, pdm_rows, config.seed, lambda k: _prompt(run, "class", k), run.resolution).mean()
     return loss
-
-
-def _per_sample_loss(run: Run, prediction: torch.Tensor, target: torch.Tensor, geometries: list,
-                     indices: list[int]) -> torch.Tensor:
-    """Each row's mean squared error; with --mask_dm the instance rows' is weighted by their subject mask."""
-    squared = (prediction - target) ** 2
-    if not run.config.mask_dm:
-        return squared.flatten(1).mean(1)
-    count = run.config.train_batch_size  # the instance rows come first
-    weights = torch.cat([run.regularizers.instance_weights(index, geometry, tuple(squared.shape[-2:]))
-                         for index, geometry in zip(indices[:count], geometries[:count])]).to(squared.device)
-    masked = weighted_mean(squared[:count], weights)
-    return torch.cat([masked, squared[count:].flatten(1).mean(1)])
 
 
 def _prompt(run: Run, which: str, concept: int) -> Conditioning:
