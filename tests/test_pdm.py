@@ -232,3 +232,13 @@ def test_pdm_on_a_flow_matching_model_is_refused(run_cli, sana, tmp_path):
     assert_one_line_error(run_cli("train", "--pretrained_model_name_or_path", sana, "--instance_data_dir",
                                   sample_subject_dir(), "--output_dir", tmp_path / "o", *PROMPTS, "--use_pdm"),
                           "--use_pdm needs a DDPM model")
+
+
+def test_a_checkpoint_resumes_only_with_the_same_pdmbooth_terms(run_cli, sd15, tmp_path):
+    out = train(run_cli, sd15, tmp_path / "out", "--use_pdm", "--pdm_inversion_steps", "4", "--pdm_timesteps", "2",
+                "--checkpointing_steps", "2")
+    args = ("train", "--pretrained_model_name_or_path", sd15, "--instance_data_dir", sample_subject_dir(),
+            "--output_dir", out, "--max_train_steps", "4", *PROMPTS, "--resume_from_checkpoint", "latest",
+            "--use_pdm", "--pdm_inversion_steps", "4")
+    assert_one_line_error(run_cli(*args, "--pdm_timesteps", "3"), "the PDMBooth terms")
+    assert run_cli(*args, "--pdm_timesteps", "2").code == 0 and len(losses(out)) == 4

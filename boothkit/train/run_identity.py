@@ -37,6 +37,7 @@ DESCRIPTIONS = {
     "gradient_accumulation_steps": "--gradient_accumulation_steps",
     "weak_checkpoint_step": "the weak checkpoint step (--weak_checkpoint_step)",
     "loss": "the loss (--snr_gamma, --prior_loss_weight, --weighting_scheme and its parameters)",
+    "pdmbooth": "the PDMBooth terms (--use_inst_loss, --mask_dm, --mask_dir/--mask_model, --use_pdm and their options)",
 }
 _PLURAL = {"instance_photos", "class_images"}
 
@@ -72,7 +73,24 @@ def run_identity(config: TrainConfig, images, instance_files: Sequence[Path], cl
         "loss": {"snr_gamma": config.snr_gamma, "prior_loss_weight": config.prior_loss_weight if prior else None,
                  "weighting_scheme": config.weighting_scheme, "logit_mean": config.logit_mean,
                  "logit_std": config.logit_std, "mode_scale": config.mode_scale},
+        "pdmbooth": _pdmbooth(config),
     }
+
+
+def _pdmbooth(config: TrainConfig) -> dict | None:
+    """The PDMBooth options that change what a step computes (None for a plain DreamBooth run)."""
+    if config.use_inst_loss and not (config.needs_masks or config.use_pdm):
+        return None
+    masks = None
+    if config.needs_masks:
+        masks = ({"dir": identity.folder_digest(config.mask_dir)} if config.mask_dir else
+                 {"model": config.mask_model, "prompt": config.mask_prompt})
+    pdm = ({"weight": config.pdm_loss_weight, "layer": config.pdm_layer, "timesteps": config.pdm_timesteps,
+            "inversion_steps": config.pdm_inversion_steps, "masked": config.mask_pdm, "class_prompt": config.class_prompt}
+           if config.use_pdm else None)
+    return {"instance_loss": config.use_inst_loss, "mask_dm": config.mask_dm,
+            "background_loss_weight": config.background_loss_weight if config.mask_dm else None, "masks": masks,
+            "pdm": pdm}
 
 
 def differences(recorded: dict, current: dict) -> list[str]:
