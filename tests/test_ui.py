@@ -37,6 +37,11 @@ def page(sd15, sd15_lora, tmp_path_factory):
     root = tmp_path_factory.mktemp("ui-root")
     shutil.copytree(sd15, root / "model")
     shutil.copytree(sd15_lora, root / "lora", ignore=shutil.ignore_patterns("checkpoint-*", "validation"))
+    yield from launched(root)
+
+
+def launched(root: Path):
+    """The app on 127.0.0.1 with `root` as its --root and the model "model" preset; yields its url and root."""
     app = build_app(UiConfig(root=str(root), pretrained_model_name_or_path="model"))
     port = free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True,

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from boothkit.cli import main
 from boothkit.data.images import sample_subject_dir
-from boothkit.ui.app import build_app
 from boothkit.ui.config import UiConfig
-from test_ui import free_port
+from test_ui import launched
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +23,7 @@ def page(sd15, tmp_path_factory):
     root = tmp_path_factory.mktemp("ui-train-root")
     shutil.copytree(sd15, root / "model")
     shutil.copytree(sample_subject_dir(), root / "photos")
-    app = build_app(UiConfig(root=str(root), pretrained_model_name_or_path="model"))
-    port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True,
-               allowed_paths=[str(root)])
-    yield {"url": f"http://127.0.0.1:{port}/", "root": root}
-    app.close()
+    yield from launched(root)
 
 
 def values(**changes) -> list:
