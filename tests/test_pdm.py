@@ -145,7 +145,7 @@ def test_the_pdm_term_is_zero_before_training_and_grows_after_a_step(sd15, run_c
         assert torch.equal(term, torch.zeros(1))  # the LoRA's B is 0: the trained model is the frozen one
     term = regularizers.pdm_term(family, family.denoiser, rows, 0, lambda _: prompt, family.default_resolution)
     assert term.max() < 1e-8  # a batch of rows reassociates float sums: 0 up to rounding
-    with torch.no_grad():  # as after an optimizer step: the LoRA moved
+    with torch.no_grad():  # the LoRA moved (any step moves B away from 0)
         for name, parameter in family.denoiser.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.1)
@@ -242,3 +242,18 @@ def test_a_checkpoint_resumes_only_with_the_same_pdmbooth_terms(run_cli, sd15, t
             "--use_pdm", "--pdm_inversion_steps", "4")
     assert_one_line_error(run_cli(*args, "--pdm_timesteps", "3"), "the PDMBooth terms")
     assert run_cli(*args, "--pdm_timesteps", "2").code == 0 and len(losses(out)) == 4
+
+
+def test_the_pdm_term_is_positive_after_a_real_training_step(run_cli, sd15, tmp_path):
+    """One optimizer step of `boothkit train --use_pdm`, its LoRA loaded: the term is no longer 0."""
+    out = tmp_path / "one"
+    assert run_cli("train", "--pretrained_model_name_or_path", sd15, "--instance_data_dir", sample_subject_dir(),
+                   "--output_dir", out, "--max_train_steps", "1", "--learning_rate", "1e-2", *PROMPTS, "--use_pdm",
+                   "--pdm_inversion_steps", "6", "--pdm_timesteps", "3").code == 0
+    config, family, images, regularizers = pdm_setup(sd15, sample_subject_dir(), tmp_path / "o")
+    family.pipeline.load_lora_weights(str(out))
+    prompt = family.encode_prompts(["a photo of dog"], torch.device("cpu"))
+    rows = [(index, 0, 10 + index) for index in range(5)]
+    with torch.no_grad():
+        term = regularizers.pdm_term(family, family.denoiser, rows, 0, lambda _: prompt, family.default_resolution)
+    assert (term > 0).all()
