@@ -26,56 +26,44 @@ is on purpose: on a shared 2-core machine with two other busy processes, a bench
 took 0.10 s with one thread and 2.6 s with two (OpenMP threads spin-waiting for a core), which buries any
 difference between the configurations; one thread per child measures the work, not the scheduler.
 
-Measured (2 CPU cores, load average 1.5 at the start: the other engineer's pytest runs had just finished, the
-machine stayed quiet, load 1.3-1.6; boothkit at commit 2355794, run from a `git archive` snapshot because the
-shared working tree changed under an earlier attempt; sd bench model, one thread per child; ~7.5 minutes):
+Measured after the PDM rows joined the trainer's UNet call (2 CPU cores, load average 0.5 at the start, quiet
+machine; sd bench model, one thread per child; 2 rounds, ~5 minutes):
 
-    python bench/pdm_cost.py    # the defaults: 128 px, inversion 20 steps, 10 kept, steps 10/40, 3 rounds
-
-    model sd bench, 128 px, batch 1, rank 4, 5 photos, inversion 20 steps (10 kept), steps 10/40, 3 rounds, threads per child 1, load average at start 1.5 (2 CPUs)
+    python bench/pdm_cost.py --repeats 2
 
     set-up of a --use_pdm run (10 steps): cold cache vs warm cache
     round   cold s  warm s  cold-warm s  inversion s  cold RSS GB  warm RSS GB  cache KB/photo
-    1         19.3    11.2          8.1          7.9         0.72         0.71           360.3
-    2         17.8    10.1          7.7          7.5         0.71         0.72           360.3
-    3         18.2    10.5          7.6          7.5         0.73         0.71           360.3
-    inversion per photo (trainer's log): 1.50 (range 1.50-1.58) s; cold-warm wall: 7.68 (range 7.63-8.07) s; cold/warm peak RSS: 1.00 (range 1.00-1.02)x
+    1         17.2     9.8          7.4          7.5         0.73         0.72           360.3
+    2         17.5     9.6          8.0          7.4         0.73         0.72           360.3
+    inversion per photo (trainer's log): 1.49 (range 1.48-1.50) s; cold-warm wall: 7.68 (range 7.40-7.96) s; cold/warm peak RSS: 1.01 (range 1.01-1.01)x
 
     per step (warm cache)
     round  config      steps/s  steps/CPU-s  peak RSS GB
-    1      plain          5.05         5.11         0.68
-    1      pdm            2.73         2.75         0.71
-    1      pdm+masks      2.50         2.51         0.72
-    2      plain          5.34         5.34         0.73
-    2      pdm            2.58         2.58         0.72
-    2      pdm+masks      2.66         2.67         0.75
-    3      plain          5.22         5.20         0.70
-    3      pdm            2.49         2.49         0.72
-    3      pdm+masks      2.54         2.54         0.72
-    median plain          5.22         5.20         0.70
-    median pdm            2.58         2.58         0.72
-    median pdm+masks      2.54         2.54         0.72
-    per-step time ratio pdm/plain: 2.07 (range 1.85-2.10)x (target <= 1.5x)
-    per-step CPU time ratio pdm/plain: 2.06 (range 1.86-2.09)x (target <= 1.5x)
-    peak RSS ratio pdm/plain: 1.02 (range 0.99-1.05)x
-    per-step time ratio pdm+masks/plain: 2.02 (range 2.01-2.05)x (target <= 1.5x)
-    per-step CPU time ratio pdm+masks/plain: 2.04 (range 2.00-2.04)x (target <= 1.5x)
-    peak RSS ratio pdm+masks/plain: 1.03 (range 1.02-1.05)x
+    1      plain          5.03         5.02         0.70
+    1      pdm            3.69         3.69         0.72
+    1      pdm+masks      3.81         3.81         0.72
+    2      plain          5.12         5.12         0.71
+    2      pdm            3.71         3.71         0.72
+    2      pdm+masks      3.89         3.87         0.72
+    median plain          5.07         5.07         0.71
+    median pdm            3.70         3.70         0.72
+    median pdm+masks      3.85         3.84         0.72
+    per-step time ratio pdm/plain: 1.37 (range 1.36-1.38)x (target <= 1.5x)
+    per-step CPU time ratio pdm/plain: 1.37 (range 1.36-1.38)x (target <= 1.5x)
+    peak RSS ratio pdm/plain: 1.02 (range 1.02-1.03)x
+    per-step time ratio pdm+masks/plain: 1.32 (range 1.32-1.32)x (target <= 1.5x)
+    per-step CPU time ratio pdm+masks/plain: 1.32 (range 1.32-1.32)x (target <= 1.5x)
+    peak RSS ratio pdm+masks/plain: 1.03 (range 1.02-1.03)x
 
-The target (<= 1.5x per step once cached) does not hold: a `--use_pdm` step costs 2.0x a plain one, in wall
-and in CPU time alike, with or without the masks (their per-row mask resizing is lost in the noise). Each
-step runs the PDM row as a second batch-1 UNet call: a full forward (the hook on the layer's `to_q` does not
-stop it, though only the tail of up_blocks.3 follows) and a backward from that layer, which sits in the last up
-block, so through nearly the whole UNet down to the first LoRA layers. That doubles the step's work, which is
-almost all forward + backward here (latents and prompts are cached, the rank-4 optimizer step is small).
-Memory barely moves (+2-3 % peak RSS): both calls' graphs are alive until the one backward, but at 128 px the
-activations are small next to the weights and libraries. The cache is small: 360 KB per 128 px photo for 10 kept
-steps, i.e. 36 KB a step (fp16 queries, 256 tokens x 64 channels at this layer of the bench model, plus the fp32
-latent 4 x 16 x 16), read at start-up (not timed alone). The set-up: 1.5 s per photo for a 20-step inversion (the
-trainer's own timing; the cold-minus-warm wall difference, 7.7 s for 5 photos, agrees), no extra peak memory.
-Getting to <= 1.5x would take a structural change (e.g. stopping the PDM forward at the layer, or batching the
-PDM row with the instance row, which helps on a GPU more than on a CPU), not tuning; still to be measured on a
-GPU at 512 px.
+The target holds: 1.37x per step once cached. Before (commit 2355794, 3 rounds, load 1.5) the PDM rows ran as a
+second batch-1 UNet call: 2.07x (range 1.85-2.10), pdm+masks 2.02x; batching them with the instance rows saves
+the second pass's fixed per-call cost (this model's layers are small at 128 px, so that cost is a large part of a
+call). The price: the rows now share a batch with the instance rows, whose float summation order differs from
+the batch-1 inversion's, so the untrained model's first-step term is ~1e-11 instead of exactly 0 (exactly 0 when
+the rows run alone, `Regularizers.pdm_term`; both tested). Masks cost nothing measurable. Memory +2-3 % peak RSS.
+The cache is small: 360 KB per 128 px photo for 10 kept steps, 36 KB a step (fp16 queries, 256 tokens x 64
+channels at this layer of the bench model, plus the fp32 latent 4 x 16 x 16); the set-up is 1.5 s per photo for a
+20-step inversion, no extra peak memory. Still to be measured on a GPU at 512 px.
 """
 
 from __future__ import annotations

@@ -257,3 +257,12 @@ def test_the_pdm_term_is_positive_after_a_real_training_step(run_cli, sd15, tmp_
     with torch.no_grad():
         term = regularizers.pdm_term(family, family.denoiser, rows, 0, lambda _: prompt, family.default_resolution)
     assert (term > 0).all()
+
+
+def test_in_the_trainer_the_pdm_term_starts_at_zero(run_cli, sd15, tmp_path):
+    """PDM only (--no_use_inst_loss): the logged loss of step 1 is the PDM term of the untrained model. Its rows
+    share the UNet call with the instance rows, so it is 0 up to float rounding (the batch changes summation
+    order), and stays there: the frozen model is where a PDM-only run has nothing to move."""
+    out = train(run_cli, sd15, tmp_path / "only", "--no_use_inst_loss", "--use_pdm", "--pdm_inversion_steps", "6",
+                "--pdm_timesteps", "3", "--learning_rate", "1e-2")
+    assert max(losses(out)) < 1e-9, losses(out)

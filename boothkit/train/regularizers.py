@@ -52,27 +52,49 @@ class Regularizers:
         small = F.interpolate(values[None], size=latent_hw, mode="area")
         return mask_weights(small, self.config.background_loss_weight)
 
-    def pdm_term(self, family: ModelFamily, denoiser: torch.nn.Module, rows: list[tuple[int, int, int]],
-                 seed: int, class_prompt, resolution: int) -> torch.Tensor:
-        """Per row (instance index, concept, position) the PDM distance of the trained model's queries at one
-        of the photo's kept inversion steps (drawn by position) to the frozen model's."""
-        device = next(denoiser.parameters()).device
+    def pdm_batch(self, family: ModelFamily, rows: list[tuple[int, int, int]], seed: int, class_prompt,
+                  resolution: int, device: torch.device) -> "PdmBatch":
+        """The PDM rows of a batch: per row (instance index, concept, position) one of the photo's kept inversion
+        steps (drawn by position), fed as the targets were computed — (z_t, t, class prompt) — and its targets."""
         picks = [int(torch.randint(len(self.targets[index].timesteps), (1,),
                                    generator=seeding.generator(seed, "pdm", position)).item())
                  for index, _, position in rows]
         latents = torch.stack([self.targets[i].latents[j] for (i, _, _), j in zip(rows, picks)]).to(device)
-        latents = latents.contiguous()  # NCHW, as the targets' inputs were (`pdm.invert`)
         timesteps = torch.stack([self.targets[i].timesteps[j] for (i, _, _), j in zip(rows, picks)]).to(device)
         conditioning = Conditioning.cat([class_prompt(concept) for _, concept, _ in rows])
         conditioning.tensors.update(family.image_conditioning([self.geometries[i] for i, _, _ in rows], resolution,
                                                               device))
-        with pdm.captured_queries(pdm.query_module(family.denoiser, self.layer)) as queries:
-            family.predict(latents.to(family.denoiser.dtype), timesteps, conditioning, denoiser=denoiser)
         targets = torch.stack([self.targets[i].queries[j] for (i, _, _), j in zip(rows, picks)]).to(device)
         weights = None
         if self.token_weights is not None:
             weights = torch.stack([self.token_weights[i] for i, _, _ in rows]).to(device)
-        return pdm_distance(queries[0], targets, weights)
+        return PdmBatch(latents.contiguous(), timesteps, conditioning, targets, weights)  # NCHW, as in `pdm.invert`
+
+    def query_module(self, family: ModelFamily) -> torch.nn.Module:
+        return pdm.query_module(family.denoiser, self.layer)
+
+    def pdm_term(self, family: ModelFamily, denoiser: torch.nn.Module, rows: list[tuple[int, int, int]],
+                 seed: int, class_prompt, resolution: int) -> torch.Tensor:
+        """Per row the PDM distance of the trained model's queries to the frozen model's, in a call of its own
+        (the trainer puts the PDM rows into its batch instead)."""
+        batch = self.pdm_batch(family, rows, seed, class_prompt, resolution, next(denoiser.parameters()).device)
+        with pdm.captured_queries(self.query_module(family)) as queries:
+            family.predict(batch.latents.to(family.denoiser.dtype), batch.timesteps, batch.conditioning,
+                           denoiser=denoiser)
+        return batch.distance(queries[0])
+
+
+@dataclass
+class PdmBatch:
+    latents: torch.Tensor  # (P, C, h, w) the inverted z_t
+    timesteps: torch.Tensor  # (P,)
+    conditioning: Conditioning  # the class prompt (and SDXL's time ids of the centre crop)
+    targets: torch.Tensor  # (P, tokens, dim) the frozen model's queries, fp16
+    weights: torch.Tensor | None  # (P, tokens) with --mask_pdm
+
+    def distance(self, queries: torch.Tensor) -> torch.Tensor:
+        """Per row `losses.pdm_distance` of the trained model's queries (P, tokens, dim)."""
+        return pdm_distance(queries, self.targets, self.weights)
 
 
 def per_sample_loss(regularizers: Regularizers | None, prediction: torch.Tensor, target: torch.Tensor,

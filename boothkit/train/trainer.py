@@ -38,6 +38,7 @@ from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_po
 from boothkit.train.losses import min_snr_weights
 from boothkit.train.lora import (attach_adapters, lora_targets, prompt_encoding_settings, save_lora,
                                  trainable_parameters, trainable_state, training_description)
+from boothkit.train.pdm import captured_queries
 from boothkit.train.regularizers import Regularizers, per_sample_loss, prepare_regularizers
 from boothkit.train.optim import make_optimizer, parameter_groups, restore, text_encoder_lr
 from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
@@ -276,7 +277,14 @@ def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
     conditioning.tensors.update(family.image_conditioning([geometry for _, geometry in drawn], run.resolution,
                                                           latents.device))
     noisy, timesteps, target, weights = family.training_sample(latents, noise, timestep_generators)
-    prediction = family.predict(noisy, timesteps, conditioning, denoiser=run.denoiser)
+    pdm_batch = _pdm_batch(run, positions, picked, latents.device) if config.use_pdm else None
+    if pdm_batch is not None:  # PDMBooth's rows (one per instance row) join the batch: one UNet call for all
+        noisy = torch.cat([noisy, pdm_batch.latents.to(noisy.dtype)])
+        conditioning = Conditioning.cat([conditioning, pdm_batch.conditioning])
+    hook = captured_queries(run.regularizers.query_module(family)) if pdm_batch else contextlib.nullcontext([])
+    with hook as queries:
+        every_timestep = torch.cat([timesteps, pdm_batch.timesteps]) if pdm_batch else timesteps
+        prediction = family.predict(noisy, every_timestep, conditioning, denoiser=run.denoiser)[:len(rows)]
     per_sample = per_sample_loss(run.regularizers, prediction.float(), target.float(), len(positions),
                                  [(index, geometry) for (_, _, _, index, _), (_, geometry) in zip(rows, drawn)]) * weights
     if config.snr_gamma is not None:  # the instance rows come first; the prior loss stays unweighted
@@ -288,11 +296,15 @@ def _micro_batch_loss(run: Run, micro_step: int) -> torch.Tensor:
     loss = instance_loss
     if run.classes is not None:
         loss = loss + config.prior_loss_weight * per_sample[len(positions):].mean()
-    if config.use_pdm:  # PDMBooth's semantic term, one extra row per instance row
-        pdm_rows = [(index, k, p) for p, (index, k) in zip(positions, picked)]
-        loss = loss + config.pdm_loss_weight * run.regularizers.pdm_term(
-            family, run.denoiser, pdm_rows, config.seed, lambda k: _prompt(run, "class", k), run.resolution).mean()
+    if pdm_batch is not None:  # PDMBooth's semantic term, over the last rows of the batch
+        loss = loss + config.pdm_loss_weight * pdm_batch.distance(queries[0][len(rows):]).mean()
     return loss
+
+
+def _pdm_batch(run: Run, positions: range, picked: list[tuple[int, int]], device: torch.device):
+    """The PDM rows of a micro-batch, one per instance row (`regularizers.Regularizers.pdm_batch`)."""
+    return run.regularizers.pdm_batch(run.family, [(index, k, p) for p, (index, k) in zip(positions, picked)],
+                                      run.config.seed, lambda k: _prompt(run, "class", k), run.resolution, device)
 
 
 def _prompt(run: Run, which: str, concept: int) -> Conditioning:
