@@ -122,6 +122,12 @@ def _run_ui(config) -> int:
     return run_ui(config)
 
 
+def _run_study(config) -> int:
+    from boothkit.study.run import run_study
+
+    return run_study(config)
+
+
 def _formats_command(name: str, config) -> int:
     from boothkit.formats import commands
 
@@ -143,6 +149,8 @@ SCHEMA_COMMANDS: tuple[SchemaCommand, ...] = (
                   "boothkit.formats.config:InfoConfig", lambda config: _formats_command("run_info", config)),
     SchemaCommand("merge", "Merge LoRAs (A.safetensors:0.8 B.safetensors:0.6) into one, or into the base model.",
                   "boothkit.formats.config:MergeConfig", lambda config: _formats_command("run_merge", config)),
+    SchemaCommand("study", "The whole DreamBooth benchmark: train every subject with every recipe, evaluate every "
+                  "method, tabulate.", "boothkit.study.config:StudyConfig", _run_study),
     SchemaCommand("ui", "A local web page to generate with CFG, AG and WIG (needs pip install 'boothkit[ui]').",
                   "boothkit.ui.config:UiConfig", lambda config: _run_ui(config)),
 )

@@ -1,0 +1,1 @@
+"""`boothkit study`: the whole DreamBooth benchmark in one command (issue 15)."""

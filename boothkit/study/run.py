@@ -1,0 +1,164 @@
+"""Running a study: each process trains and evaluates its share of the jobs (`plan.shard`), skipping what is
+done; process 0 then waits for every job and writes study.csv and study.md (`study.table`).
+
+Each stage is an ordinary boothkit output folder (`train/<recipe>/<subject>`, `eval/<recipe>/<subject>`), and
+each job keeps a record in `jobs/` of what finished and for which inputs (a digest of the photos, the model and
+the options). A killed study resumes where it stopped: a finished training with the same inputs is not run
+again, an interrupted one resumes from its latest checkpoint, and an evaluation already recorded is skipped (an
+interrupted one reuses its content-keyed cache). Under `torchrun` / `accelerate launch` the processes are
+independent workers: the launcher's distributed variables are read and then hidden from the trainings and
+evaluations, which run on this process's own device (GPU LOCAL_RANK when there are GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from boothkit.config import validate_config
+from boothkit.errors import BoothkitError
+from boothkit.identity import folder_digest, model_identity, value_digest
+from boothkit.io import write_json_atomic
+from boothkit.study.config import StudyConfig
+from boothkit.study.plan import Job, Plan, build_plan, process_rank, shard
+
+log = logging.getLogger(__name__)
+JOBS_DIR = "jobs"
+_DISTRIBUTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
+POLL_SECONDS = 5.0
+
+
+def run_study(config: StudyConfig) -> int:
+    rank, world, local = process_rank()
+    _work_alone(local)
+    plan = build_plan(config)
+    out = Path(config.output_dir)
+    mine = shard(plan.jobs, rank, world)
+    if rank == 0:
+        print(describe(plan, world))
+    for job in tqdm(mine, desc=f"study (process {rank + 1}/{world})", unit="job"):
+        run_job(config, plan, job, out)
+    if rank != 0:
+        return 0
+    _wait_for_every_job(plan, out)
+    from boothkit.study.table import write_tables
+
+    csv_path, md_path = write_tables(plan, out)
+    print(f"study: {csv_path} and {md_path}")
+    return 0
+
+
+def describe(plan: Plan, world: int) -> str:
+    subjects = sorted({job.subject for job in plan.jobs})
+    return (f"study plan: {len(subjects)} subject(s) x {len(plan.recipes)} recipe(s) "
+            f"({', '.join(sorted(plan.recipes))}) = {len(plan.jobs)} training(s), each evaluated with "
+            f"{', '.join(plan.methods)}; {world} process(es)")
+
+
+def _work_alone(local_rank: int) -> None:
+    """Hide the launcher's distributed variables (each process runs whole jobs, never a share of one) and give
+    the process its own GPU."""
+    for name in _DISTRIBUTED:
+        os.environ.pop(name, None)
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+
+
+def record_path(out: Path, job: Job) -> Path:
+    return out / JOBS_DIR / f"{job.recipe}__{job.subject}.json"
+
+
+def read_record(out: Path, job: Job) -> dict:
+    try:
+        return json.loads(record_path(out, job).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def run_job(config: StudyConfig, plan: Plan, job: Job, out: Path) -> None:
+    """Train the job's subject with its recipe (unless done), then evaluate each method (unless done)."""
+    record = read_record(out, job)
+    record.setdefault("evaluated", {})
+    train_key = value_digest({"model": model_identity(config.pretrained_model_name_or_path),
+                              "photos": folder_digest(Path(config.instance_data_dir) / job.subject),
+                              "options": plan.train_options(job.recipe), "identifier": config.identifier})
+    train_dir = out / "train" / job.recipe / job.subject
+    if record.get("trained") != train_key:
+        record = {"trained": None, "evaluated": {}}
+        write_json_atomic(record_path(out, job), record)
+        train_job(config, plan, job, train_dir)
+        record["trained"] = train_key
+        write_json_atomic(record_path(out, job), record)
+    for method in plan.methods:
+        eval_key = value_digest({"train": train_key, "method": method, "options": plan.evaluate,
+                                 "optimize": config.optimize, "prompts": plan.prompts_path})
+        if record["evaluated"].get(method) == eval_key:
+            continue
+        evaluate_job(config, plan, job, method, out)
+        record["evaluated"][method] = eval_key
+        write_json_atomic(record_path(out, job), record)
+
+
+def train_job(config: StudyConfig, plan: Plan, job: Job, train_dir: Path) -> None:
+    from boothkit.train.config import TrainConfig
+    from boothkit.train.trainer import train
+
+    options = {
+        "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+        "instance_data_dir": str(Path(config.instance_data_dir) / job.subject),
+        "instance_prompt": f"a photo of {config.identifier} {job.noun}", "class_prompt": f"a photo of {job.noun}",
+        "output_dir": str(train_dir), **plan.train_options(job.recipe),
+    }
+    if options.get("with_prior_preservation") and "class_data_dir" not in options:
+        options["class_data_dir"] = str(train_dir.parent.parent / "class_images" / job.noun.replace(" ", "_"))
+    if any(train_dir.glob("checkpoint-*")):
+        options["resume_from_checkpoint"] = "latest"  # an interrupted run goes on (train checks it is the same)
+    elif train_dir.exists() and any(train_dir.iterdir()):
+        options["overwrite"] = True  # an earlier run's outputs (with other inputs): boothkit's own files only
+    try:
+        train(validate_config(TrainConfig, options))
+    except BoothkitError as error:
+        raise BoothkitError(f"training {job.name}: {error}") from None
+
+
+def evaluate_job(config: StudyConfig, plan: Plan, job: Job, method: str, out: Path) -> None:
+    from boothkit.evaluate.config import EvaluateConfig
+    from boothkit.evaluate.run import run_evaluate
+
+    options = {
+        "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+        "lora_base_dir": str(out / "train" / job.recipe), "subjects": [job.subject],
+        "instance_data_dir": config.instance_data_dir, "evaluation_prompts_path": plan.prompts_path,
+        "output_dir": str(out / "eval" / job.recipe / job.subject), "method": method,
+        "identifier": config.identifier,
+        "optimize": ("both" if method == "wig" else "lambda") if config.optimize else "none", **plan.evaluate,
+    }
+    try:
+        run_evaluate(validate_config(EvaluateConfig, options))
+    except BoothkitError as error:
+        raise BoothkitError(f"evaluating {job.name} with {method}: {error}") from None
+
+
+def _wait_for_every_job(plan: Plan, out: Path) -> None:
+    """Process 0 waits until every job's record says trained and evaluated with every method (the other
+    processes' share); a job that never finishes (a crashed process) is reported and waited for."""
+    def done(job: Job) -> bool:
+        record = read_record(out, job)
+        return bool(record.get("trained")) and set(plan.methods) <= set(record.get("evaluated", {}))
+
+    waiting, reported = [job for job in plan.jobs if not done(job)], 0.0
+    while waiting:
+        if time.monotonic() - reported > 60:
+            log.info("waiting for %d job(s) of other processes: %s", len(waiting),
+                     ", ".join(job.name for job in waiting[:5]))
+            reported = time.monotonic()
+        time.sleep(POLL_SECONDS)
+        waiting = [job for job in waiting if not done(job)]

@@ -1,0 +1,163 @@
+"""`boothkit study` (issue 15) on tiny models over 3 subjects of the DreamBooth dataset's layout
+(tests/data/study: cat, cat2, can, 3 photos each at 64 px; see its ATTRIBUTION.md)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from boothkit.testing.tiny import build_tiny
+
+SUBJECTS = Path(__file__).parent / "data" / "study"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every study here runs on one thread, as each torchrun process does: float sums depend on the count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("study-models")
+    return {kind: build_tiny(kind, root / kind) for kind in ("sd15", "dino", "clip")}
+
+
+def plan_file(folder: Path, tiny: dict[str, Path]) -> Path:
+    path = folder / "plan.toml"
+    path.write_text(f"""
+methods = ["cfg", "wig"]
+[train]
+max_train_steps = 2
+[evaluate]
+num_inference_steps = 2
+num_images_per_prompt = 2
+max_prompts = 1
+max_evaluations = 2
+omega_grid = [0.0, 1.0]
+dino_model = "{tiny['dino']}"
+clip_model = "{tiny['clip']}"
+[recipes.dreambooth]
+[recipes.strong]
+learning_rate = 1e-3
+""")
+    return path
+
+
+def study(run_cli, tiny, out: Path, plan: Path, *extra: str):
+    return run_cli("study", "--pretrained_model_name_or_path", tiny["sd15"], "--instance_data_dir", SUBJECTS,
+                   "--output_dir", out, "--plan", plan, *extra)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    """One whole study (3 subjects x 2 recipes x 2 methods)."""
+    from boothkit.cli import main
+
+    folder = tmp_path_factory.mktemp("study")
+    plan = plan_file(folder, tiny)
+    assert main(["study", "--pretrained_model_name_or_path", str(tiny["sd15"]), "--instance_data_dir",
+                 str(SUBJECTS), "--output_dir", str(folder / "out"), "--plan", str(plan)]) == 0
+    return folder / "out", plan
+
+
+def test_a_study_writes_one_row_per_subject_recipe_and_method(finished):
+    out, _ = finished
+    rows = read_csv(out / "study.csv")
+    assert [(r["subject"], r["recipe"], r["method"]) for r in rows] == [
+        (subject, recipe, method) for subject in ("can", "cat", "cat2") for recipe in ("dreambooth", "strong")
+        for method in ("cfg", "wig")]
+    assert {r["class"] for r in rows if r["subject"].startswith("cat")} == {"cat"}
+    assert all(float(r["DINO"]) == float(r["DINO"]) for r in rows) and all(r["omega"] for r in rows
+                                                                            if r["method"] == "wig")
+    assert (out / "train" / "strong" / "cat2" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_tables_means_and_errors_equal_a_direct_computation(finished):
+    out, _ = finished
+    rows = read_csv(out / "study.csv")
+    text = (out / "study.md").read_text()
+    for recipe in ("dreambooth", "strong"):
+        for method in ("cfg", "wig"):
+            values = [float(r["DINO"]) for r in rows if r["recipe"] == recipe and r["method"] == method]
+            mean, error = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+            line = next(l for l in text.splitlines() if l.startswith(f"| {recipe} | {method} | 3 |"))
+            assert f"{mean:.4f} ± {error:.4f}" in line
+            cats = [float(r["DINO"]) for r in rows if r["recipe"] == recipe and r["method"] == method
+                    and r["class"] == "cat"]
+            line = next(l for l in text.splitlines() if l.startswith(f"| {recipe} | {method} | cat | 2 |"))
+            assert f"{statistics.fmean(cats):.4f} ± {statistics.stdev(cats) / math.sqrt(2):.4f}" in line
+
+
+def test_a_rerun_recomputes_nothing_and_a_killed_study_resumes(finished, run_cli, tiny, monkeypatch, tmp_path):
+    import boothkit.study.run as study_run
+
+    out, plan = finished
+    trainings, evaluations = [], []
+    train_job, evaluate_job = study_run.train_job, study_run.evaluate_job
+    monkeypatch.setattr(study_run, "train_job", lambda *a: trainings.append(a[2].name) or train_job(*a))
+    monkeypatch.setattr(study_run, "evaluate_job", lambda *a: evaluations.append(a[2].name) or evaluate_job(*a))
+    before = (out / "study.csv").read_text()
+    assert study(run_cli, tiny, out, plan).code == 0
+    assert trainings == [] and evaluations == [] and (out / "study.csv").read_text() == before
+    killed = tmp_path / "killed"  # a study that stopped after its first two jobs' trainings
+    shutil.copytree(out, killed)
+    for record in sorted((killed / "jobs").glob("*__*.json"))[2:]:
+        record.unlink()
+    for csv_file in ("study.csv", "study.md"):
+        (killed / csv_file).unlink()
+    assert study(run_cli, tiny, killed, plan).code == 0
+    assert len(trainings) == 4 and (killed / "study.csv").read_text() == before
+
+
+def test_two_processes_give_the_same_study_csv_as_one(finished, tiny, tmp_path):
+    """`torchrun --nproc_per_node 2 -m boothkit study ...`: each process takes every other job."""
+    import os
+    import subprocess
+    import sys
+
+    out, plan = finished
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+               "-m", "boothkit", "study", "--pretrained_model_name_or_path", str(tiny["sd15"]), "--instance_data_dir",
+               str(SUBJECTS), "--output_dir", str(tmp_path / "two"), "--plan", str(plan)]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")  # as the reference study ran (`finished`)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "two" / "study.csv").read_text() == (out / "study.csv").read_text()
+
+
+def test_a_users_study_csv_is_never_replaced(run_cli, tiny, tmp_path, finished):
+    from test_train import assert_one_line_error
+
+    out, plan = finished
+    target = tmp_path / "mine"
+    shutil.copytree(out, target)
+    (target / "study.csv").write_text("my own numbers\n")
+    assert_one_line_error(study(run_cli, tiny, target, plan), "was not written by boothkit study")
+    assert (target / "study.csv").read_text() == "my own numbers\n"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--subjects", "dog9"], "subject 'dog9' has no photo folder"),
+    (["--recipes", "magic"], "unknown recipe 'magic'"),
+])
+def test_bad_study_input_ends_in_one_line(run_cli, tiny, tmp_path, extra, message):
+    from test_train import assert_one_line_error
+
+    assert_one_line_error(run_cli("study", "--pretrained_model_name_or_path", tiny["sd15"], "--instance_data_dir",
+                                  SUBJECTS, "--output_dir", tmp_path / "o", *extra), message)
