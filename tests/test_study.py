@@ -88,6 +88,17 @@ def test_a_study_writes_one_row_per_subject_recipe_and_method(finished):
     assert (out / "train" / "strong" / "cat2" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_study_html_shows_the_table_the_tradeoff_and_each_subjects_best_samples(finished):
+    import re
+    from urllib.parse import unquote
+
+    out, _ = finished
+    page = (out / "study.html").read_text()
+    assert page.count('class="subject"') == 3 and 'class="plot tradeoff" src="data:image/png;base64,' in page
+    linked = [unquote(src) for src in re.findall(r'<img src="([^"]+)"', page) if not src.startswith("data:")]
+    assert len(linked) == 3 * 2 * 2 * 2 and all((out / path).is_file() for path in linked)  # 2 images each
+
+
 def test_the_tables_means_and_errors_equal_a_direct_computation(finished):
     out, _ = finished
     rows = read_csv(out / "study.csv")

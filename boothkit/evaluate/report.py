@@ -177,7 +177,7 @@ def _shades(colour: str, count: int) -> list:
     return [(r + (1 - r) * m, g + (1 - g) * m, b + (1 - b) * m) for m in mixes]
 
 
-def _png_uri(figure) -> str:
+def png_uri(figure) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     buffer = io.BytesIO()
@@ -271,11 +271,11 @@ def _subject_section(index: int, folder: str, by_method: dict[str, SubjectResult
     first = next(iter(by_method.values()))
     points, owners = tradeoff_points(by_method)
     front = pareto_front(points)
-    plots = f'<h3>λ → DINO</h3><img class="plot lambda" src="{_png_uri(lambda_curve_figure(by_method, colours))}">'
+    plots = f'<h3>λ → DINO</h3><img class="plot lambda" src="{png_uri(lambda_curve_figure(by_method, colours))}">'
     if points:
         figure = tradeoff_figure(points, [owner[0] for owner in owners], front, colours)
         plots += (f'<h3>DINO vs CLIP-T, every evaluation (Pareto front ringed)</h3><div class="row">'
-                  f'<img class="plot tradeoff" src="{_png_uri(figure)}">{_pareto_table(points, owners, front)}</div>')
+                  f'<img class="plot tradeoff" src="{png_uri(figure)}">{_pareto_table(points, owners, front)}</div>')
     samples = "".join(_samples(subject) for subject in by_method.values())
     return (f'<section class="subject" id="subject-{index}" data-subject="{_e(folder)}"><h2>{_e(folder)} '
             f"({_e(first.subject)})</h2>{_references(first.reference_dir)}{samples}{plots}</section>")

@@ -20,7 +20,7 @@ from boothkit.evaluate.report import mean_and_standard_error
 from boothkit.io import write_json_atomic, write_text_atomic
 from boothkit.study.plan import Plan
 
-CSV_NAME, MD_NAME, WRITTEN_NAME = "study.csv", "study.md", "jobs/tables.json"
+CSV_NAME, MD_NAME, HTML_NAME, WRITTEN_NAME = "study.csv", "study.md", "study.html", "jobs/tables.json"
 COLUMNS = ("subject", "class", "recipe", "method", *SUMMARY_METRICS, "guidance_scale", "omega")
 
 
@@ -83,9 +83,12 @@ def _cell(mean, error, count) -> str:
 
 
 def write_tables(plan: Plan, out: Path) -> tuple[Path, Path]:
-    """Write study.csv and study.md; a file of that name boothkit did not write is refused, never replaced."""
+    """Write study.csv, study.md and study.html; a file of those names boothkit did not write is refused, never
+    replaced."""
+    from boothkit.study.html import render
+
     rows = study_rows(plan, out)
-    texts = {CSV_NAME: csv_text(rows), MD_NAME: markdown(rows)}
+    texts = {CSV_NAME: csv_text(rows), MD_NAME: markdown(rows), HTML_NAME: render(plan, out, rows)}
     written_path = out / WRITTEN_NAME
     try:
         written = json.loads(written_path.read_text(encoding="utf-8"))
