@@ -30,7 +30,8 @@ HEAVY_MODULES = ("torch", "diffusers", "transformers", "accelerate", "matplotlib
 # Flags that boothkit's texts may name although no boothkit command has them: the benchmark scripts' own
 # flags (README's Development section) and those of the launchers boothkit runs under.
 OTHER_TOOLS_FLAGS = {"--family", "--reference_script", "--model", "--nproc_per_node", "--num_processes",
-                     "--logdir"}  # tensorboard --logdir (README, `--report_to tensorboard`)
+                     "--logdir",  # tensorboard --logdir (README, `--report_to tensorboard`)
+                     "--nodes"}  # SLURM #SBATCH --nodes (README, boothkit study)
 
 
 # --------------------------------------------------------------------------------------------- helpers
