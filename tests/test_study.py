@@ -56,7 +56,7 @@ learning_rate = 1e-3
 
 def study(run_cli, tiny, out: Path, plan: Path, *extra: str):
     return run_cli("study", "--pretrained_model_name_or_path", tiny["sd15"], "--instance_data_dir", SUBJECTS,
-                   "--output_dir", out, "--plan", plan, *extra)
+                   "--output_dir", out, "--plan", plan, "--estimate_steps", "0", *extra)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -86,6 +86,7 @@ def test_a_study_writes_one_row_per_subject_recipe_and_method(finished):
     assert all(float(r["DINO"]) == float(r["DINO"]) for r in rows) and all(r["omega"] for r in rows
                                                                             if r["method"] == "wig")
     assert (out / "train" / "strong" / "cat2" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "probe" / "6-steps" / "pytorch_lora_weights.safetensors").is_file()  # the time estimate's
 
 
 def test_study_html_shows_the_table_the_tradeoff_and_each_subjects_best_samples(finished):
@@ -149,6 +150,7 @@ def test_two_processes_give_the_same_study_csv_as_one(finished, tiny, tmp_path):
     environment = dict(os.environ, OMP_NUM_THREADS="1")  # as the reference study ran (`finished`)
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "study plan: 3 subject(s) x 2 recipe(s)" in result.stdout and "s per training step" in result.stdout
     assert (tmp_path / "two" / "study.csv").read_text() == (out / "study.csv").read_text()
 
 

@@ -33,5 +33,8 @@ class StudyConfig(CommandConfig):
                                                        description="Guidance methods evaluated for every run.")
     max_train_steps: int = Field(500, ge=1, description="Training steps of every run (a plan's [train] overrides).")
     identifier: str = Field("sks", description="The identifier token: instance prompt 'a photo of sks <class>'.")
+    estimate_steps: int = Field(3, ge=0, description="Before starting, time trainings of N and 2N steps on the "
+                                                     "first subject (in OUTPUT_DIR/probe) to estimate the training "
+                                                     "time; 0: no estimate.")
     optimize: bool = Field(True, description="Tune λ by golden-section search (and sweep ω for wig); "
                                              "--no_optimize evaluates each method's default.")

@@ -12,6 +12,7 @@ evaluations, which run on this process's own device (GPU LOCAL_RANK when there a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,6 +43,8 @@ def run_study(config: StudyConfig) -> int:
     mine = shard(plan.jobs, rank, world)
     if rank == 0:
         print(describe(plan, world))
+        if config.estimate_steps:
+            print(estimate(config, plan, out, world))
     for job in tqdm(mine, desc=f"study (process {rank + 1}/{world})", unit="job"):
         run_job(config, plan, job, out)
     if rank != 0:
@@ -59,6 +62,24 @@ def describe(plan: Plan, world: int) -> str:
     return (f"study plan: {len(subjects)} subject(s) x {len(plan.recipes)} recipe(s) "
             f"({', '.join(sorted(plan.recipes))}) = {len(plan.jobs)} training(s), each evaluated with "
             f"{', '.join(plan.methods)}; {world} process(es)")
+
+
+def estimate(config: StudyConfig, plan: Plan, out: Path, world: int) -> str:
+    """The study's training time from two short trainings of the first job (N and 2N steps: start-up cancels
+    out), scaled to every job's steps and spread over the processes. Evaluation is timed by the progress bar."""
+    job = plan.jobs[0]
+    seconds = []
+    for steps in (config.estimate_steps, 2 * config.estimate_steps):
+        probe = dataclasses.replace(plan, train={**plan.train, "max_train_steps": steps, "weak_checkpoint_step": 0,
+                                                 "overwrite": True})
+        started = time.perf_counter()
+        train_job(config, probe, job, out / "probe" / f"{steps}-steps")
+        seconds.append(time.perf_counter() - started)
+    per_step = max(seconds[1] - seconds[0], 0.0) / config.estimate_steps
+    total = sum(plan.train_options(j.recipe).get("max_train_steps", config.max_train_steps) for j in plan.jobs)
+    hours = (per_step * total + seconds[0] * len(plan.jobs)) / world / 3600
+    return (f"estimate: {per_step:.2f} s per training step ({job.recipe}, measured on {job.subject}), about "
+            f"{hours:.2f} h of training over {world} process(es), plus the evaluations")
 
 
 def _work_alone(local_rank: int) -> None:
