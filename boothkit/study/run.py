@@ -53,7 +53,7 @@ def run_study(config: StudyConfig) -> int:
     from boothkit.study.table import write_tables
 
     csv_path, md_path = write_tables(plan, out)
-    print(f"study: {csv_path} and {md_path}")
+    print(f"study: {csv_path}, {md_path} and {md_path.with_suffix('.html')}")
     return 0
 
 
