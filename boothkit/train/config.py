@@ -95,6 +95,17 @@ class TrainConfig(PdmOptions, ModelSourceOptions):
         json_schema_extra={"repeatable": True})
     num_validation_images: int = Field(4, ge=1, description="Validation images per validation.")
     validation_steps: int = Field(100, ge=1, description="Validate every N steps (and at the end).")
+    validation_every: int | None = Field(
+        None, ge=0, description="Score validation samples every N steps (and at the end) with DINO, CLIP-I and CLIP-T "
+                                "against the instance photos into validation_scores.csv (0: off).")
+    keep_best: bool = Field(False, description="With --validation_every: keep the LoRA of the scoring with the best "
+                                               "DINO (CLIP-T at least --min_clip_t) in best/.")
+    min_clip_t: float | None = Field(None, ge=-1, le=1, description="--keep_best: the CLIP-T a scoring needs to "
+                                                                   "count (default: no floor).")
+    dino_model: str = Field("facebook/dino-vits16", description="--validation_every: DINO ViT (hub id or path).")
+    clip_model: str = Field("openai/clip-vit-base-patch32", description="--validation_every: CLIP model (hub id or "
+                                                                        "path).")
+    identifier: str = Field("sks", description="--validation_every: the identifier token, left out of the CLIP-T text.")
     checkpointing_steps: int = Field(100, ge=1, description="Save resumable state every N steps.")
     save_interval: int | None = Field(None, ge=1, description="Checkpoint and validate every N steps (sets "
                                                                 "--checkpointing_steps and --validation_steps).")
@@ -136,6 +147,12 @@ class TrainConfig(PdmOptions, ModelSourceOptions):
                 raise ValueError("--with_prior_preservation needs --class_data_dir (generated images go there)")
         if self.lr_scheduler == "polynomial" and self.learning_rate <= 1e-7:
             raise ValueError("the polynomial schedule decays to 1e-7: use a larger --learning_rate")
+        if self.validation_every == 0:
+            self.__dict__["validation_every"] = None  # 0 means off
+        if self.keep_best and not self.validation_every:
+            raise ValueError("--keep_best needs --validation_every N (the steps whose samples are scored)")
+        if self.min_clip_t is not None and not self.keep_best:
+            raise ValueError("--min_clip_t applies to --keep_best")
         if self.weak_checkpoint_step is not None and self.weak_checkpoint_step >= self.max_train_steps:
             raise ValueError(
                 f"--weak_checkpoint_step ({self.weak_checkpoint_step}) must be below --max_train_steps "

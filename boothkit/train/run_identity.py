@@ -3,7 +3,8 @@
 A checkpoint only continues the run that wrote it: the same photos (by content), prompts, class images,
 base model (by content, or the hub commit), seed, resolution and LoRA shape, the same samples per step,
 and the step of its weak LoRA (written once). Options that may change on resume (max_train_steps,
-checkpointing, validation, learning-rate schedule...) are not part of it. Digests come from `boothkit.identity`.
+checkpointing, validation, learning-rate schedule, --validation_every N, --keep_best, --min_clip_t...) are not part
+of it; the validation scoring's models, identifier, prompts and image count are, once both runs score. Digests come from `boothkit.identity`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Sequence
 from boothkit import identity
 from boothkit.errors import BoothkitError
 from boothkit.train.config import TrainConfig
+from boothkit.train.scoring import scoring_identity
 
 # What each recorded entry is, for the one-line refusal ("the instance photos differ ...").
 DESCRIPTIONS = {
@@ -37,9 +39,14 @@ DESCRIPTIONS = {
     "gradient_accumulation_steps": "--gradient_accumulation_steps",
     "weak_checkpoint_step": "the weak checkpoint step (--weak_checkpoint_step)",
     "loss": "the loss (--snr_gamma, --prior_loss_weight, --weighting_scheme and its parameters)",
+    "validation_scoring": "the validation scoring (--dino_model, --clip_model, --identifier, --num_validation_images "
+                          "or the validation prompts, with --validation_every)",
     "pdmbooth": "the PDMBooth terms (--use_inst_loss, --mask_dm, --mask_dir/--mask_model, --use_pdm and their options)",
 }
 _PLURAL = {"instance_photos", "class_images"}
+# Entries compared only when both runs have them: turning --validation_every on or off on resume is safe (the
+# scores CSV keeps its rows up to the checkpoint), scoring on with other models or prompts is not.
+_WHEN_BOTH = {"validation_scoring"}
 
 
 def run_identity(config: TrainConfig, images, instance_files: Sequence[Path], class_files: Sequence[Path],
@@ -74,6 +81,7 @@ def run_identity(config: TrainConfig, images, instance_files: Sequence[Path], cl
                  "weighting_scheme": config.weighting_scheme, "logit_mean": config.logit_mean,
                  "logit_std": config.logit_std, "mode_scale": config.mode_scale},
         "pdmbooth": _pdmbooth(config),
+        "validation_scoring": scoring_identity(config, images),
     }
 
 
@@ -95,7 +103,8 @@ def _pdmbooth(config: TrainConfig) -> dict | None:
 
 def differences(recorded: dict, current: dict) -> list[str]:
     """Names of the entries that differ (an entry the checkpoint did not record is not compared)."""
-    return [name for name in DESCRIPTIONS if name in recorded and recorded[name] != current.get(name)]
+    return [name for name in DESCRIPTIONS if name in recorded and recorded[name] != current.get(name)
+            and not (name in _WHEN_BOTH and (recorded[name] is None or current.get(name) is None))]
 
 
 def check_same_run(recorded: dict | None, current: dict, checkpoint: str) -> None:

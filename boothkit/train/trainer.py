@@ -42,7 +42,7 @@ from boothkit.train.pdm import captured_queries
 from boothkit.train.regularizers import Regularizers, per_sample_loss, prepare_regularizers
 from boothkit.train.optim import make_optimizer, parameter_groups, restore, text_encoder_lr
 from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
-from boothkit.train import reporting
+from boothkit.train import reporting, scoring
 from boothkit.train.run_identity import check_same_run, run_identity
 from boothkit.train.validation import (record_validation_prompts, save_validation_images, validation_folder,
                                        validation_image_names)
@@ -86,6 +86,7 @@ class Run:
     ema: EMAModel | None = None  # --use_ema (full fine-tuning)
     regularizers: Regularizers | None = None  # PDMBooth's masks and PDM targets
     reporter: reporting.Reporter | None = None  # --report_to (main process only)
+    scorer: scoring.Scorer | None = None  # --validation_every (main process only)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -101,10 +102,13 @@ def train(config: TrainConfig) -> TrainResult:
     output_dir = check_output_folder(config.output_dir, "train", overwrite=config.overwrite, reuse=own_checkpoint,
                                      hint=_output_dir_hint(config, resume_path))
     images = _check_inputs(config)
-    accelerator.wait_for_everyone()
     main = accelerator.is_main_process
+    metrics = scoring.load_metrics(config) if main else None  # a bad --dino_model fails before the folder is used
+    accelerator.wait_for_everyone()
     with OutputFolder(output_dir, "train") if main else contextlib.nullcontext() as folder:
         run = _prepare(config, accelerator, folder, resume_path, images)
+        if metrics is not None:
+            run.scorer = scoring.Scorer(run.config, metrics, folder, images, run.start_step, accelerator.device)
         run.reporter = reporting.Reporter.start(config, accelerator, folder, run.start_step)
         try:
             loss = _train_steps(run)
@@ -113,6 +117,8 @@ def train(config: TrainConfig) -> TrainResult:
             if main:
                 _save_model(run, weak=False)
                 _validate(run, config.max_train_steps)
+                if run.scorer is not None:
+                    run.scorer.finish()
         finally:
             if run.reporter is not None:
                 run.reporter.finish()
@@ -179,17 +185,18 @@ def _train_steps(run: Run) -> float:
     return loss
 
 
-def _save_model(run: Run, weak: bool) -> None:
-    """The LoRA (or with --train_mode full the pipeline folder; weak: the trained modules only) of this step."""
+def _save_model(run: Run, weak: bool, prefix: str = WEAK_DIR) -> None:
+    """The LoRA (or with --train_mode full the pipeline folder; weak: the trained modules only) of this step;
+    weak=True with `prefix` "best": the same into best/ (`--keep_best`)."""
     if run.config.train_mode == "full":
         with full.averaged_weights(run.ema, run.parameters):
             if weak:
-                full.save_trained_modules(run.folder, run.trainable, WEAK_DIR)
+                full.save_trained_modules(run.folder, run.trainable, prefix)
             else:
                 full.save_full_pipeline(run.folder, run.config, run.family, run.trainable)
         return
     description = training_description(run.config, run.family, run.images.concepts, len(run.instance))
-    directory = run.folder.path(WEAK_LORA if weak else LORA_WEIGHT_NAME).parent
+    directory = run.folder.path(lora_file(prefix) if weak else LORA_WEIGHT_NAME).parent
     save_lora(run.family, run.trainable, directory, description)
 
 
@@ -199,22 +206,28 @@ def _after_step(run: Run, step: int) -> None:
         _save_model(run, weak=True)
     if step % config.checkpointing_steps == 0 and step < config.max_train_steps:
         _save_checkpoint(run, step)
-    if step % config.validation_steps == 0 and step < config.max_train_steps:
+    if (step % config.validation_steps == 0 or run.scorer and run.scorer.due(step)) and step < config.max_train_steps:
         _validate(run, step)
 
 
 def _validate(run: Run, step: int) -> None:
     """Validation images of every validation prompt of every concept (with `--use_ema`: of the average); with
-    several prompts, `validation/prompts.json` says which folder shows which."""
-    validations = run.images.validations()
-    for concept, index, prompt in validations:
+    several prompts, `validation/prompts.json` says which folder shows which. A scored step (`--validation_every`)
+    also scores them (without validation prompts: images of the instance prompt) and may keep best/."""
+    scored = run.scorer is not None and run.scorer.due(step)
+    validations = run.scorer.prompts if scored else run.images.validations()
+    images = {}
+    for validation in validations:
+        concept, index, prompt = validation
         paths = run.folder.claim(*validation_image_names(step, run.config.num_validation_images, concept, index))
         with run.accelerator.autocast(), full.averaged_weights(run.ema, run.parameters):
-            save_validation_images(run.family, prompt, run.config.seed, run.resolution, paths)
+            images[validation] = save_validation_images(run.family, prompt, run.config.seed, run.resolution, paths)
         if run.reporter is not None:
             run.reporter.log_validation(step, validation_folder(concept, index), prompt, paths)
     if len(validations) > 1:
         record_validation_prompts(run.folder.path(VALIDATION_PROMPTS_NAME), validations, step)
+    if scored:
+        run.scorer.record(step, images, lambda: _save_model(run, weak=True, prefix=scoring.BEST_DIR), run.reporter)
 
 
 def _save_checkpoint(run: Run, step: int) -> None:
