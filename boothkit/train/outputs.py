@@ -80,3 +80,17 @@ class TrainLog:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def resolved_settings(config: TrainConfig, family, resolution: int, accelerator) -> dict:
+    """What the run resolved from its defaults and the machine (train_config.json's "resolved")."""
+    from boothkit.train.optim import text_encoder_lr
+
+    return {
+        "family": family.name, "resolution": resolution, "lora_alpha": config.resolved_lora_alpha,
+        "mixed_precision": accelerator.mixed_precision,
+        "text_encoder_lr": text_encoder_lr(config, family.default_text_encoder_lr) if config.train_text_encoder else None,
+        "weak_checkpoint_step": config.resolved_weak_step,
+        "prediction_type": getattr(family, "prediction_type", None),
+        "device": str(accelerator.device), "num_processes": accelerator.num_processes,
+    }

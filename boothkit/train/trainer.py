@@ -41,7 +41,7 @@ from boothkit.train.lora import (attach_adapters, lora_targets, prompt_encoding_
 from boothkit.train.pdm import captured_queries
 from boothkit.train.regularizers import Regularizers, per_sample_loss, prepare_regularizers
 from boothkit.train.optim import make_optimizer, parameter_groups, restore, text_encoder_lr
-from boothkit.train.outputs import TrainLog, planned_outputs, write_train_config
+from boothkit.train.outputs import TrainLog, planned_outputs, resolved_settings, write_train_config
 from boothkit.train import reporting, scoring
 from boothkit.train.run_identity import check_same_run, run_identity
 from boothkit.train.validation import (record_validation_prompts, save_validation_images, validation_folder,
@@ -400,7 +400,7 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
         log.info("resuming from %s (step %d)", resume_path, resumed.step)
     denoiser, optimizer = accelerator.prepare(family.denoiser, optimizer)
     if folder is not None:
-        write_train_config(folder, config, _resolved(config, family, resolution, accelerator))
+        write_train_config(folder, config, resolved_settings(config, family, resolution, accelerator))
     accelerator.wait_for_everyone()
     picker = RowPicker(images)
     dataset_length = max(len(picker.slots), len(classes) if classes else 0)
@@ -503,14 +503,3 @@ def _cached_prompts(config: TrainConfig, family: ModelFamily, device: torch.devi
     kinds = ("instance", "class") if config.with_prior_preservation or config.use_pdm else ("instance",)
     return {(kind, k): family.encode_prompts([_prompt_text(concept, kind)], device).detach()
             for k, concept in enumerate(concepts) for kind in kinds}
-
-
-def _resolved(config: TrainConfig, family: ModelFamily, resolution: int, accelerator: Accelerator) -> dict:
-    return {
-        "family": family.name, "resolution": resolution, "lora_alpha": config.resolved_lora_alpha,
-        "mixed_precision": accelerator.mixed_precision,
-        "text_encoder_lr": text_encoder_lr(config, family.default_text_encoder_lr) if config.train_text_encoder else None,
-        "weak_checkpoint_step": config.resolved_weak_step,
-        "prediction_type": getattr(family, "prediction_type", None),
-        "device": str(accelerator.device), "num_processes": accelerator.num_processes,
-    }
