@@ -174,3 +174,34 @@ def test_bad_study_input_ends_in_one_line(run_cli, tiny, tmp_path, extra, messag
 
     assert_one_line_error(run_cli("study", "--pretrained_model_name_or_path", tiny["sd15"], "--instance_data_dir",
                                   SUBJECTS, "--output_dir", tmp_path / "o", *extra), message)
+
+
+def test_with_keep_best_the_study_evaluates_the_kept_lora_and_shows_the_training_curve(run_cli, tiny, tmp_path):
+    import json
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f"""
+methods = ["cfg"]
+subjects = ["cat"]
+[train]
+max_train_steps = 2
+validation_every = 1
+num_validation_images = 1
+keep_best = true
+dino_model = "{tiny['dino']}"
+clip_model = "{tiny['clip']}"
+[evaluate]
+num_inference_steps = 2
+num_images_per_prompt = 1
+max_prompts = 1
+dino_model = "{tiny['dino']}"
+clip_model = "{tiny['clip']}"
+[recipes.dreambooth]
+""")
+    out = tmp_path / "out"
+    assert study(run_cli, tiny, out, plan, "--no_optimize").code == 0
+    best = out / "train" / "dreambooth" / "cat" / "best"
+    assert (best / "pytorch_lora_weights.safetensors").is_file()
+    results = json.loads((out / "eval" / "dreambooth" / "cat" / "results.json").read_text())
+    assert str(best) in json.dumps(results)  # the kept LoRA was evaluated (its path is in the settings)
+    assert 'class="plot training"' in (out / "study.html").read_text()

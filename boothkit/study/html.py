@@ -50,6 +50,31 @@ def _tradeoff(rows: list[dict]) -> str:
     return f'<img class="plot tradeoff" src="{png_uri(figure)}">'
 
 
+def _curves(plan: Plan, out: Path, subject: str) -> str:
+    """The validation scores during training (`--validation_every`: validation_scores.csv) of each recipe."""
+    import csv
+
+    from matplotlib.figure import Figure
+
+    curves = {}
+    for job in [job for job in plan.jobs if job.subject == subject]:
+        path = out / "train" / job.recipe / subject / "validation_scores.csv"
+        if path.is_file():
+            with open(path, newline="") as handle:
+                curves[job.recipe] = [row for row in csv.DictReader(handle)]
+    if not curves:
+        return ""
+    figure = Figure(figsize=(7.2, 2.6), dpi=100, layout="constrained")
+    for axis, metric in zip(figure.subplots(1, 2), ("DINO", "CLIP-T")):
+        for recipe, rows in curves.items():
+            axis.plot([int(r["step"]) for r in rows], [float(r[metric]) for r in rows], marker="o", markersize=3,
+                      label=recipe)
+        axis.set_xlabel("training step")
+        axis.set_ylabel(metric)
+        axis.legend(fontsize=7)
+    return f'<img class="plot training" src="{png_uri(figure)}">'
+
+
 def _grids(plan: Plan, out: Path) -> str:
     sections = []
     for subject in sorted({job.subject for job in plan.jobs}):
@@ -64,7 +89,8 @@ def _grids(plan: Plan, out: Path) -> str:
                     for prompt in result.best.per_prompt for file in prompt.files)
                 lines.append(f'<div class="row"><b>{_e(job.recipe)} / {_e(method)}</b> (λ = '
                              f"{result.best.setting.guidance_scale:g}){figures}</div>")
-        sections.append(f'<section class="subject"><h3>{_e(subject)}</h3>{"".join(lines)}</section>')
+        sections.append(f'<section class="subject"><h3>{_e(subject)}</h3>{_curves(plan, out, subject)}'
+                        f'{"".join(lines)}</section>')
     return "".join(sections)
 
 

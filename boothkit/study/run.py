@@ -33,6 +33,7 @@ JOBS_DIR = "jobs"
 _DISTRIBUTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                 "MASTER_PORT", "TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
 POLL_SECONDS = 5.0
+LORA_NAME = "pytorch_lora_weights.safetensors"
 
 
 def run_study(config: StudyConfig) -> int:
@@ -162,6 +163,13 @@ def evaluate_job(config: StudyConfig, plan: Plan, job: Job, method: str, out: Pa
         "identifier": config.identifier,
         "optimize": ("both" if method == "wig" else "lambda") if config.optimize else "none", **plan.evaluate,
     }
+    train_dir = out / "train" / job.recipe / job.subject
+    if plan.train_options(job.recipe).get("keep_best") and (train_dir / "best" / LORA_NAME).is_file():
+        # --keep_best: the kept LoRA (best DINO above the CLIP-T floor) is the one evaluated; AG's weak is the run's
+        options.pop("lora_base_dir")
+        options["lora_dir"] = str(train_dir / "best")
+        if (train_dir / "weak").is_dir():
+            options["weak_checkpoint_path"] = str(train_dir / "weak")
     try:
         run_evaluate(validate_config(EvaluateConfig, options))
     except BoothkitError as error:
