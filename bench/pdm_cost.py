@@ -75,34 +75,18 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from boothkit.data.images import sample_subject_dir
 from boothkit.testing.tiny import build_sd_bench
+from child_runs import median_range, timed_run
 
 COMMON = ["--instance_prompt", "a photo of sks dog", "--class_prompt", "a photo of dog", "--train_batch_size", "1",
           "--seed", "0", "--rank", "4", "--learning_rate", "1e-4", "--checkpointing_steps", "100000"]
 CONFIGS = {"plain": [], "pdm": ["--use_pdm"], "pdm+masks": ["--use_pdm", "--mask_pdm", "--mask_dm"]}
 INVERSION_LOG = re.compile(r"PDM features: (\d+) photo\(s\), (\d+) computed in ([\d.]+) s")
-
-
-def timed_run(command: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (GB) of one child process; its output in `log`."""
-    start = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:  # the child execs the command; its rusage is read back alone via wait4
-        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.execvpe(command[0], command, env)
-    _, status, usage = os.wait4(pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"benchmark run failed: {' '.join(command)}\n{log.read_text(errors='replace')[-3000:]}")
-    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024**2
 
 
 class Bench:
@@ -131,7 +115,7 @@ class Bench:
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         log = self.work / "runs" / f"{name}-{steps}.log"
-        return (*timed_run(self.command(config, steps, out), self.env(cache), log), log)
+        return (*timed_run(self.command(config, steps, out), self.env(cache), log)[1:], log)
 
     def measure(self, config: str, cache: Path) -> dict:
         """Steady steps/s = (long - short) / (t_long - t_short), in wall and in CPU seconds; peak RSS of both runs;
@@ -219,10 +203,6 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _median_range(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} (range {min(values):.2f}-{max(values):.2f})"
-
-
 def report(colds: list[dict], rounds: list[dict], short: int) -> None:
     print(f"\nset-up of a --use_pdm run ({short} steps): cold cache vs warm cache")
     print(f"{'round':<6} {'cold s':>7} {'warm s':>7} {'cold-warm s':>12} {'inversion s':>12} {'cold RSS GB':>12} "
@@ -233,9 +213,9 @@ def report(colds: list[dict], rounds: list[dict], short: int) -> None:
               f"{cold['wall_s'] - warm['short_wall_s']:>12.1f} {cold['inversion_s']:>12.1f} {cold['rss_gb']:>12.2f} "
               f"{warm['short_rss_gb']:>12.2f} {cold['cache_bytes'] / cold['photos'] / 1024:>15.1f}")
     per_photo = [c["inversion_s"] / c["photos"] for c in colds]
-    print(f"inversion per photo (trainer's log): {_median_range(per_photo)} s; "
-          f"cold-warm wall: {_median_range([c['wall_s'] - r['pdm']['short_wall_s'] for c, r in zip(colds, rounds)])} s; "
-          f"cold/warm peak RSS: {_median_range([c['rss_gb'] / r['pdm']['short_rss_gb'] for c, r in zip(colds, rounds)])}x")
+    print(f"inversion per photo (trainer's log): {median_range(per_photo)} s; "
+          f"cold-warm wall: {median_range([c['wall_s'] - r['pdm']['short_wall_s'] for c, r in zip(colds, rounds)])} s; "
+          f"cold/warm peak RSS: {median_range([c['rss_gb'] / r['pdm']['short_rss_gb'] for c, r in zip(colds, rounds)])}x")
 
     print("\nper step (warm cache)")
     print(f"{'round':<6} {'config':<10} {'steps/s':>8} {'steps/CPU-s':>12} {'peak RSS GB':>12}")
@@ -248,9 +228,9 @@ def report(colds: list[dict], rounds: list[dict], short: int) -> None:
     for name in ("pdm", "pdm+masks"):
         for key, label in (("steps_per_s", "time"), ("steps_per_cpu_s", "CPU time")):
             ratios = [r["plain"][key] / r[name][key] for r in rounds]
-            print(f"per-step {label} ratio {name}/plain: {_median_range(ratios)}x (target <= 1.5x)")
+            print(f"per-step {label} ratio {name}/plain: {median_range(ratios)}x (target <= 1.5x)")
         memory = [r[name]["peak_rss_gb"] / r["plain"]["peak_rss_gb"] for r in rounds]
-        print(f"peak RSS ratio {name}/plain: {_median_range(memory)}x")
+        print(f"peak RSS ratio {name}/plain: {median_range(memory)}x")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from child_runs import median_range, timed_run
 
 SUBJECTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "study"
 CONFIGS = ("1 process", "2 processes", "stages")
@@ -171,23 +172,6 @@ def stages_child(study_args: list[str]) -> int:
     print(MARKER + json.dumps({**spent, "calls": calls, "first_job_epoch": first[0] if first else None, "end_epoch": time.time()}),
           flush=True)
     return code
-
-
-def timed_run(command: list[str], env: dict[str, str], log: Path) -> tuple[float, float, float, float]:
-    """Launch epoch, wall seconds, CPU seconds (user + system, reaped children included) and peak RSS (GB) of
-    one child process; its output in `log`."""
-    launch, start = time.time(), time.perf_counter()
-    pid = os.fork()
-    if pid == 0:  # the child execs the command; its rusage is read back alone via wait4
-        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.execvpe(command[0], command, env)
-    _, status, usage = os.wait4(pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"benchmark run failed: {' '.join(command)}\n{log.read_text(errors='replace')[-3000:]}")
-    return launch, elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024**2
 
 
 def plan_text(args: argparse.Namespace, dino: Path, clip: Path) -> str:
@@ -298,10 +282,6 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _median_range(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.median(values):.{digits}f} (range {min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def report(rounds: list[dict]) -> None:
     """Each round's wall/CPU/RSS; the speed-up per round as median and range; the stage shares."""
     print(f"\n{'round':<6} {'run':<12} {'wall s':>7} {'CPU s':>7} {'peak RSS GB':>12}")
@@ -313,8 +293,8 @@ def report(rounds: list[dict]) -> None:
             print(f"{label:<6} {name:<12} {numbers[0]:>7.1f} {numbers[1]:>7.1f} {numbers[2]:>12.2f}")
     speedups = [r["1 process"]["wall_s"] / r["2 processes"]["wall_s"] for r in rounds]
     cpu = [r["2 processes"]["cpu_s"] / r["1 process"]["cpu_s"] for r in rounds]
-    print(f"speed-up 1 process / 2 processes (wall): {_median_range(speedups)}x")
-    print(f"CPU time 2 processes / 1 process: {_median_range(cpu)}x")
+    print(f"speed-up 1 process / 2 processes (wall): {median_range(speedups)}x")
+    print(f"CPU time 2 processes / 1 process: {median_range(cpu)}x")
     same = all(r[name]["csv"] == rounds[0]["1 process"]["csv"] for r in rounds for name in CONFIGS)
     print(f"study.csv identical across every run: {'yes' if same else 'NO'}")
 
@@ -326,13 +306,13 @@ def report(rounds: list[dict]) -> None:
               + f" {stages['wall_s']:>7.1f}")
     for stage in STAGES:
         shares = [100 * r["stages"][stage] / r["stages"]["wall_s"] for r in rounds]
-        print(f"share {stage:<11} {_median_range(shares, 1)} %")
+        print(f"share {stage:<11} {median_range(shares, 1)} %")
     print("per call (s): the first one (it pays the lazy imports and first loads) and the median of the others")
     for kind in ("training", "cfg", "wig"):
         firsts = [r["stages"]["calls"][kind][0] for r in rounds]
         later = [statistics.median(r["stages"]["calls"][kind][1:]) for r in rounds]
         label = kind if kind == "training" else f"evaluation {kind}"
-        print(f"{label:<16} first {_median_range(firsts)}, later {_median_range(later)}")
+        print(f"{label:<16} first {median_range(firsts)}, later {median_range(later)}")
 
 
 if __name__ == "__main__":
