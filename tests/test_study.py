@@ -151,6 +151,7 @@ def test_two_processes_give_the_same_study_csv_as_one(finished, tiny, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "study plan: 3 subject(s) x 2 recipe(s)" in result.stdout and "s per training step" in result.stdout
+    assert "s per evaluation image" in result.stdout and "h of evaluation (72 images)" in result.stdout
     assert (tmp_path / "two" / "study.csv").read_text() == (out / "study.csv").read_text()
 
 

@@ -66,8 +66,9 @@ def describe(plan: Plan, world: int) -> str:
 
 
 def estimate(config: StudyConfig, plan: Plan, out: Path, world: int) -> str:
-    """The study's training time from two short trainings of the first job (N and 2N steps: start-up cancels
-    out), scaled to every job's steps and spread over the processes. Evaluation is timed by the progress bar."""
+    """The study's time from two short trainings of the first job (N and 2N steps: start-up cancels out) and two
+    short evaluations of their LoRA (`evaluation_estimate`), scaled to every job and spread over the processes.
+    Approximate: the probe evaluates with the first method, and batching makes larger runs cheaper per image."""
     job = plan.jobs[0]
     seconds = []
     for steps in (config.estimate_steps, 2 * config.estimate_steps):
@@ -78,9 +79,12 @@ def estimate(config: StudyConfig, plan: Plan, out: Path, world: int) -> str:
         seconds.append(time.perf_counter() - started)
     per_step = max(seconds[1] - seconds[0], 0.0) / config.estimate_steps
     total = sum(plan.train_options(j.recipe).get("max_train_steps", config.max_train_steps) for j in plan.jobs)
-    hours = (per_step * total + seconds[0] * len(plan.jobs)) / world / 3600
-    return (f"estimate: {per_step:.2f} s per training step ({job.recipe}, measured on {job.subject}), about "
-            f"{hours:.2f} h of training over {world} process(es), plus the evaluations")
+    training = (per_step * total + seconds[0] * len(plan.jobs)) / world / 3600
+    per_image, images = evaluation_estimate(config, plan, out, out / "probe" / f"{2 * config.estimate_steps}-steps")
+    evaluating = per_image * images / world / 3600
+    return (f"estimate: {per_step:.2f} s per training step, {per_image:.2f} s per evaluation image (measured on "
+            f"{job.name}); about {training:.2f} h of training and {evaluating:.2f} h of evaluation ({images} images) "
+            f"over {world} process(es)")
 
 
 def _work_alone(local_rank: int) -> None:
@@ -151,10 +155,8 @@ def train_job(config: StudyConfig, plan: Plan, job: Job, train_dir: Path) -> Non
         raise BoothkitError(f"training {job.name}: {error}") from None
 
 
-def evaluate_job(config: StudyConfig, plan: Plan, job: Job, method: str, out: Path) -> None:
-    from boothkit.evaluate.config import EvaluateConfig
-    from boothkit.evaluate.run import run_evaluate
-
+def evaluation_options(config: StudyConfig, plan: Plan, job: Job, method: str, out: Path) -> dict:
+    """The `boothkit evaluate` options of one (job, method)."""
     options = {
         "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
         "lora_base_dir": str(out / "train" / job.recipe), "subjects": [job.subject],
@@ -170,10 +172,45 @@ def evaluate_job(config: StudyConfig, plan: Plan, job: Job, method: str, out: Pa
         options["lora_dir"] = str(train_dir / "best")
         if (train_dir / "weak").is_dir():
             options["weak_checkpoint_path"] = str(train_dir / "weak")
+    return options
+
+
+def evaluate_job(config: StudyConfig, plan: Plan, job: Job, method: str, out: Path) -> None:
+    from boothkit.evaluate.config import EvaluateConfig
+    from boothkit.evaluate.run import run_evaluate
+
     try:
-        run_evaluate(validate_config(EvaluateConfig, options))
+        run_evaluate(validate_config(EvaluateConfig, evaluation_options(config, plan, job, method, out)))
     except BoothkitError as error:
         raise BoothkitError(f"evaluating {job.name} with {method}: {error}") from None
+
+
+def evaluation_estimate(config: StudyConfig, plan: Plan, out: Path, probe_lora: Path) -> tuple[float, int]:
+    """(seconds per generated image, images the study's evaluations generate): one prompt of the first job
+    evaluated with 1 and 2 images (start-up cancels out) with the probe's LoRA, and each (job, method)'s prompts
+    × images per prompt × the evaluations its search makes (`evaluate.search.expected_evaluations`)."""
+    from boothkit.evaluate.config import EvaluateConfig
+    from boothkit.evaluate.dataset import load_evaluation_prompts
+    from boothkit.evaluate.run import run_evaluate
+    from boothkit.evaluate.search import expected_evaluations
+
+    seconds = []
+    for count in (1, 2):
+        options = {**evaluation_options(config, plan, plan.jobs[0], plan.methods[0], out), "lora_dir": str(probe_lora),
+                   "optimize": "none", "max_prompts": 1, "num_images_per_prompt": count, "class_prompt_samples": 0,
+                   "output_dir": str(out / "probe" / f"evaluation-{count}"), "overwrite": True}
+        options.pop("lora_base_dir", None)
+        started = time.perf_counter()
+        run_evaluate(validate_config(EvaluateConfig, options))
+        seconds.append(time.perf_counter() - started)
+    prompts, images = load_evaluation_prompts(plan.prompts_path), 0
+    for job in plan.jobs:
+        for method in plan.methods:
+            evaluation = validate_config(EvaluateConfig, evaluation_options(config, plan, job, method, out))
+            count = len(prompts.prompts_for(job.subject))
+            count = min(count, evaluation.max_prompts) if evaluation.max_prompts else count
+            images += count * evaluation.num_images_per_prompt * expected_evaluations(evaluation)
+    return max(seconds[1] - seconds[0], 0.0), images
 
 
 def _wait_for_every_job(plan: Plan, out: Path) -> None:
