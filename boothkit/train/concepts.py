@@ -50,6 +50,10 @@ class Concept(BaseModel):
     repeats: int = Field(1, ge=1)
     validation_prompt: str | list[str] | None = None  # one prompt or several
 
+    def prompt(self, which: str) -> str | None:
+        """The concept's "instance" or "class" prompt."""
+        return self.instance_prompt if which == "instance" else self.class_prompt
+
     @property
     def validation_prompts(self) -> list[str]:
         """The concept's validation prompts (empty ones left out)."""

@@ -323,12 +323,8 @@ def _pdm_batch(run: Run, positions: range, picked: list[tuple[int, int]], device
 def _prompt(run: Run, which: str, concept: int) -> Conditioning:
     if (which, concept) in run.prompts:
         return run.prompts[(which, concept)]
-    text = _prompt_text(run.images.concepts[concept], which)
+    text = run.images.concepts[concept].prompt(which)
     return run.family.encode_prompts([text], run.accelerator.device)  # with gradients into the text LoRA
-
-
-def _prompt_text(concept: Concept, which: str) -> str:
-    return concept.instance_prompt if which == "instance" else concept.class_prompt
 
 
 def _average_text_encoder_gradients(run: Run) -> None:
@@ -501,5 +497,5 @@ def _cached_prompts(config: TrainConfig, family: ModelFamily, device: torch.devi
     if config.train_text_encoder:
         return {}
     kinds = ("instance", "class") if config.with_prior_preservation or config.use_pdm else ("instance",)
-    return {(kind, k): family.encode_prompts([_prompt_text(concept, kind)], device).detach()
+    return {(kind, k): family.encode_prompts([concept.prompt(kind)], device).detach()
             for k, concept in enumerate(concepts) for kind in kinds}
