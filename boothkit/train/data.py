@@ -93,16 +93,21 @@ class LatentBank:
         return ImageGeometry((image.height, image.width), (top, left), flip, crop_offset)
 
     @torch.no_grad()
+    def posterior(self, index: int, flip: bool, crop_offset: tuple[float, float] | None) -> LatentDistribution:
+        """The VAE posterior of image `index` (flipped, cropped at `crop_offset`): cached, or encoded now."""
+        cached = self.cache.get((index, flip))
+        return cached if cached is not None else self.family.encode_pixels(self._pixels(index, flip, crop_offset)[None])
+
+    @torch.no_grad()
     def draw(self, index: int, seed: int, position: int) -> tuple[torch.Tensor, ImageGeometry]:
         """Latents (1, C, h, w) of image `index` as sample `position` of the run sees it, and its geometry."""
         flip = self.options.random_flip and bool(
             torch.randint(0, 2, (1,), generator=seeding.generator(seed, "flip", self.stream, position)).item()
         )
-        posterior = self.cache.get((index, flip))
         offset = None
-        if posterior is None:
+        if (index, flip) not in self.cache:
             offset = tuple(torch.rand(2, generator=seeding.generator(seed, "crop", self.stream, position)).tolist())
-            posterior = self.family.encode_pixels(self._pixels(index, flip, offset)[None])
+        posterior = self.posterior(index, flip, offset)
         noise = torch.randn(posterior.mean.shape, generator=seeding.generator(seed, "latents", self.stream, position))
         return posterior.sample(noise.to(posterior.mean.device)), self.geometry(index, flip, offset)
 

@@ -159,7 +159,7 @@ def _prepare_pdm(regularizers: Regularizers, config, family: ModelFamily, images
                             "matching")
     layer = config.pdm_layer or pdm.default_pdm_layer(family.denoiser)
     pdm.query_module(family.denoiser, layer)  # a wrong --pdm_layer fails before any inversion
-    centre = ImageOptions(regularizers.options.resolution, True, False, True)
+    centre = ImageOptions(regularizers.options.resolution, True, False, False)  # encoded only for a cache miss
     bank = LatentBank(family, [image for _, image in images.all_instance_files], centre, "PDM", stream=2)
     model = value_digest([model_identity(config.pretrained_model_name_or_path, config.revision, config.variant),
                           model_identity(config.pretrained_vae_model_name_or_path, config.revision,
@@ -179,7 +179,7 @@ def _prepare_pdm(regularizers: Regularizers, config, family: ModelFamily, images
         def compute(index=index, prompt=prompt, geometry=geometry):
             conditioning = family.encode_prompts([prompt], device)
             conditioning.tensors.update(family.image_conditioning([geometry], centre.resolution, device))
-            return pdm.invert(family, bank.cache[(index, False)].mean, conditioning, layer,
+            return pdm.invert(family, bank.posterior(index, False, None).mean, conditioning, layer,
                               config.pdm_inversion_steps, config.pdm_timesteps)
 
         found, cached = pdm.load_or_invert(family, key, compute)
