@@ -23,9 +23,13 @@ _MEMO_LIMIT = 50_000  # entries kept on disk
 _memo: dict[str, str] | None = None
 
 
+def cache_root() -> Path:
+    """Where boothkit keeps what it computes once (`BOOTHKIT_CACHE_DIR`, default `~/.cache/boothkit`)."""
+    return Path(os.environ.get("BOOTHKIT_CACHE_DIR") or Path.home() / ".cache" / "boothkit")
+
+
 def _memo_file() -> Path:
-    root = os.environ.get("BOOTHKIT_CACHE_DIR") or Path.home() / ".cache" / "boothkit"
-    return Path(root) / "digests.json"
+    return cache_root() / "digests.json"
 
 
 def _load_memo() -> dict[str, str]:

@@ -31,7 +31,9 @@ THRESHOLD = 0.5
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BOOTHKIT_CACHE_DIR") or Path.home() / ".cache" / "boothkit") / "masks"
+    from boothkit.identity import cache_root
+
+    return cache_root() / "masks"
 
 
 def masks_from_folder(mask_dir: str | os.PathLike, photos: list[Path]) -> list[Image.Image]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +117,9 @@ def invert(family: ModelFamily, x0: torch.Tensor, conditioning: Conditioning, la
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BOOTHKIT_CACHE_DIR") or Path.home() / ".cache" / "boothkit") / "pdm"
+    from boothkit.identity import cache_root
+
+    return cache_root() / "pdm"
 
 
 def load_or_invert(family: ModelFamily, key: str, compute) -> tuple[PdmTargets, bool]:
