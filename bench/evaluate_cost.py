@@ -3,9 +3,11 @@
 Runs `boothkit evaluate --method cfg --optimize lambda --tolerance 0.05` on [-10, 10] for one subject with the
 SD-1.5-shaped bench model (random LoRA) and tiny DINO / CLIP scorers, then runs the same command again.
 Prints: evaluations the search needed (target <= 16; the progress bar's total must equal it), seconds per
-objective evaluation (generation + scoring), and the fully cached re-run's time (target: well under a second:
-every cache key is a content digest, computed without loading any model) and its count of module forward
-calls (target: 0).
+objective evaluation (generation + scoring), the cost of an evaluation relative to generating its images alone
+(each evaluation's own generation is the baseline, measured in the same call: median ratio with a 95 % bootstrap
+interval over the search's evaluations), and the fully cached re-run's time (target: well under a second: every
+cache key is a content digest, computed without loading any model) and its count of module forward calls
+(target: 0).
 
     python bench/evaluate_cost.py [--resolution 128] [--steps 10] [--prompts 2]
 """
@@ -27,6 +29,7 @@ from boothkit.evaluate.run import run_evaluate
 from boothkit.evaluate.runner import Evaluator
 from boothkit.evaluate.search import expected_evaluations
 from boothkit.testing.tiny import build_sd_bench, build_tiny
+from child_runs import ratio_line
 from guidance_cost import write_random_loras
 
 PROMPTS = ["a <subject> in the jungle", "a <subject> in the snow", "a <subject> on the beach", "a red <subject>"]
@@ -47,18 +50,20 @@ class ForwardCounter:
         self._handle.remove()
 
 
-def timed_evaluations(evaluator_class=Evaluator) -> list[float]:
-    """Patch Evaluator.evaluate to record the seconds of each evaluation."""
-    seconds: list[float] = []
-    original = evaluator_class.evaluate
+def timed_evaluations(evaluator_class=Evaluator) -> dict[str, list[float]]:
+    """Patch Evaluator.evaluate and Evaluator.sample to record the seconds of each evaluation and of the image
+    generation inside it."""
+    seconds: dict[str, list[float]] = {"evaluate": [], "sample": []}
+    for name in seconds:
+        original = getattr(evaluator_class, name)
 
-    def timed(self, subject, setting):
-        start = time.perf_counter()
-        result = original(self, subject, setting)
-        seconds.append(time.perf_counter() - start)
-        return result
+        def timed(self, subject, setting, _original=original, _name=name):
+            start = time.perf_counter()
+            result = _original(self, subject, setting)
+            seconds[_name].append(time.perf_counter() - start)
+            return result
 
-    evaluator_class.evaluate = timed
+        setattr(evaluator_class, name, timed)
     return seconds
 
 
@@ -87,7 +92,8 @@ def main() -> None:
         results = run_evaluate(config)
         first_run = time.perf_counter() - start
         evaluations = len(results.subjects[0].history)
-        fresh = seconds[:]
+        fresh = seconds["evaluate"][:]
+        over_sampling = [whole / sampling for whole, sampling in zip(fresh, seconds["sample"])]
         with ForwardCounter() as counter:
             start = time.perf_counter()
             again = run_evaluate(config)
@@ -99,6 +105,7 @@ def main() -> None:
           f"{expected_evaluations(config)})")
     print(f"seconds per objective evaluation: {sum(fresh) / len(fresh):.2f} (first run {first_run:.1f} s in all, "
           "model loading included)")
+    print(ratio_line("evaluation / generating its images alone", over_sampling))
     print(f"fully cached re-run: {cached_run:.2f} s, module forward calls: {counter.calls} (target 0)")
 
 
