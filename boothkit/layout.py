@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # File names of the outputs -------------------------------------------------------------------------------
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 WEAK_DIR = "weak"
+BEST_DIR = "best"  # --keep_best: the model of the best validation scoring
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAIN_CONFIG_NAME = "train_config.json"
 TRAIN_LOG_NAME = "train_log.csv"

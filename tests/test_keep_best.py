@@ -1,10 +1,12 @@
 """`--validation_every N` scores validation samples (DINO, CLIP-I, CLIP-T) into validation_scores.csv; `--keep_best`
-keeps the LoRA of the best DINO (CLIP-T at least `--min_clip_t`) in best/. Tiny models, 32 px, 2 denoising steps."""
+keeps the LoRA (with `--train_mode full` a pipeline folder) of the best DINO (CLIP-T at least `--min_clip_t`) in
+best/. Tiny models, 32 px, 2 denoising steps."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,105 @@ def test_bad_flags_are_one_line_and_write_nothing(extra, fragment, sd15, instanc
                       "--clip_model", metric_models["clip"], *extra)
     assert_one_line_error(run_cli(*args), fragment)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_full_training_keeps_a_pipeline_of_the_step_with_the_best_dino(sd15, instance_dir, tmp_path, run_cli,
+                                                                        metric_models, monkeypatch):
+    """--train_mode full (UNet and text encoder): best/ is a pipeline folder like the run's own, holding the trained
+    weights of the best DINO above the floor. Scores made to order: step 3 has the best DINO but misses the floor,
+    so step 2 is kept (neither the first nor the last step); its weights are the checkpoint's of step 2."""
+    dino, clip_t = iter([0.1, 0.5, 0.9]), iter([0.3, 0.3, 0.0])
+    real = SubjectMetrics.score
+
+    def made_up(self, *args, **kwargs):
+        return {**real(self, *args, **kwargs), "DINO": next(dino), "CLIP-T": next(clip_t)}
+
+    monkeypatch.setattr(SubjectMetrics, "score", made_up)
+    out = tmp_path / "out"
+    result = run_cli(*train_args(sd15, instance_dir, out, "--train_mode", "full", "--train_text_encoder",
+                                 "--max_train_steps", 3, "--resolution", 32, "--learning_rate", 1e-3,
+                                 "--num_validation_images", 1, "--dino_model", metric_models["dino"],
+                                 "--clip_model", metric_models["clip"], "--validation_every", 1,
+                                 "--checkpointing_steps", 1, "--keep_best", "--min_clip_t", 0.2))
+    assert result.code == 0, result.err
+    rows = read_scores(out)
+    assert [(int(r["step"]), float(r["DINO"]), float(r["CLIP-T"])) for r in rows] == [
+        (1, 0.1, 0.3), (2, 0.5, 0.3), (3, 0.9, 0.0)]
+    best_step = int(max((r for r in rows if float(r["CLIP-T"]) >= 0.2), key=lambda r: float(r["DINO"]))["step"])
+    assert best_step == 2 and json.loads((out / "best" / "score.json").read_text())["step"] == best_step
+    files = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}
+
+    def trained(step: int) -> dict[str, dict[str, torch.Tensor]]:
+        """The weights of each trained module at `step`: its checkpoint's, or at the last step the run's model."""
+        if step == 3:
+            return {name: load_file(out / file) for name, file in files.items()}
+        state = load_file(out / f"checkpoint-{step}" / "trainable.safetensors")
+        return {name: {key.removeprefix(name + "."): value for key, value in state.items()
+                       if key.startswith(name + ".")} for name in files}
+
+    best = {name: load_file(out / "best" / file) for name, file in files.items()}
+    for step in (1, 2, 3):
+        weights = trained(step)
+        same = all(weights[name].keys() == best[name].keys()
+                   and all(torch.equal(weights[name][key], best[name][key]) for key in best[name]) for name in files)
+        assert same == (step == best_step), step
+    # best/ loads as the run's model does (a diffusers pipeline: the VAE as the base stores it)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "best", safety_checker=None, requires_safety_checker=False)
+    base = load_file(Path(sd15) / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(pipe.vae.state_dict()[key], value) for key, value in base.items())
+    assert all(torch.equal(pipe.unet.state_dict()[key], value) for key, value in best["unet"].items())
+    # ... and `boothkit sample` takes it as the README says, AG with the run's weak/
+    samples = tmp_path / "samples"
+    result = run_cli("sample", "--pretrained_model_name_or_path", out / "best", "--method", "ag",
+                     "--weak_checkpoint_path", out / "weak", "--prompt", SNOW, "--output_dir", samples,
+                     "--num_inference_steps", 2)
+    assert result.code == 0, result.err
+    record = json.loads((samples / "samples.json").read_text())[0]
+    assert record["weak_lora"] == str(out / "weak") and (samples / record["file"]).is_file()
+    # best/ is not part of the run's final model (as weak/ is not): evaluating that one does not read best/
+    from boothkit.evaluate.keys import _weights_digest
+
+    final = _weights_digest(out)
+    shutil.rmtree(out / "best")
+    assert _weights_digest(out) == final
+
+
+@pytest.mark.parametrize("mode, user_file", [("lora", "best/pytorch_lora_weights.safetensors"),
+                                             ("full", "best/unet/config.json")])
+def test_a_users_file_in_best_stops_the_run_before_any_step(mode, user_file, sd15, instance_dir, tmp_path, run_cli,
+                                                            metric_models, monkeypatch):
+    from boothkit.train import trainer
+
+    def no_step(run, step_index):
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(trainer, "_optimizer_step", no_step)
+    out = tmp_path / "out"
+    (out / user_file).parent.mkdir(parents=True)
+    (out / user_file).write_text("mine")
+    result = run_cli(*scored_args(sd15, instance_dir, out, metric_models, "--train_mode", mode,
+                                  "--validation_every", 1, "--keep_best", "--overwrite"))
+    assert_one_line_error(result, "in the way", user_file)
+    assert (out / user_file).read_text() == "mine"
+
+
+def test_best_has_no_score_while_it_is_rewritten(tmp_path):
+    """While a new best/ is written, best/score.json (the earlier best's) is gone: a run killed meanwhile leaves a
+    best/ that its resume clears (`Scorer._resume_best`), never the earlier step's score beside newer weights."""
+    from types import SimpleNamespace
+
+    from boothkit.layout import OutputFolder
+    from boothkit.train.scoring import Scorer
+
+    score = tmp_path / "out" / "best" / "score.json"
+    seen = []
+    with OutputFolder(tmp_path / "out", "train") as folder:
+        scorer = object.__new__(Scorer)  # only what keeping the best uses
+        scorer.config, scorer.folder, scorer.best = SimpleNamespace(keep_best=True, min_clip_t=None), folder, None
+        for step, dino in ((1, 0.1), (2, 0.5)):
+            row = {"step": str(step), "DINO": str(dino), "CLIP-I": "0.2", "CLIP-T": "0.3"}
+            scorer._keep_if_best(step, row, lambda: seen.append(score.exists()))
+            assert json.loads(score.read_text())["step"] == step
+    assert seen == [False, False]

@@ -177,7 +177,12 @@ def test_bad_study_input_ends_in_one_line(run_cli, tiny, tmp_path, extra, messag
                                   SUBJECTS, "--output_dir", tmp_path / "o", *extra), message)
 
 
-def test_with_keep_best_the_study_evaluates_the_kept_lora_and_shows_the_training_curve(run_cli, tiny, tmp_path):
+@pytest.mark.parametrize("recipe, options, kept", [("dreambooth", "", "pytorch_lora_weights.safetensors"),
+                                                   ("full", 'train_mode = "full"', "model_index.json")])
+def test_with_keep_best_the_study_evaluates_the_kept_model_and_shows_the_training_curve(recipe, options, kept, run_cli,
+                                                                                       tiny, tmp_path):
+    """The kept model is evaluated, a LoRA or with --train_mode full a pipeline folder (`evaluate` takes it as the
+    full model it is, as it takes the run's own)."""
     import json
 
     plan = tmp_path / "plan.toml"
@@ -197,12 +202,43 @@ num_images_per_prompt = 1
 max_prompts = 1
 dino_model = "{tiny['dino']}"
 clip_model = "{tiny['clip']}"
-[recipes.dreambooth]
+[recipes.{recipe}]
+{options}
 """)
     out = tmp_path / "out"
-    assert study(run_cli, tiny, out, plan, "--no_optimize").code == 0
-    best = out / "train" / "dreambooth" / "cat" / "best"
-    assert (best / "pytorch_lora_weights.safetensors").is_file()
-    results = json.loads((out / "eval" / "dreambooth" / "cat" / "results.json").read_text())
-    assert str(best) in json.dumps(results)  # the kept LoRA was evaluated (its path is in the settings)
+    result = study(run_cli, tiny, out, plan, "--no_optimize")
+    assert result.code == 0, result.err
+    best = out / "train" / recipe / "cat" / "best"
+    assert (best / kept).is_file()
+    results = json.loads((out / "eval" / recipe / "cat" / "results.json").read_text())
+    assert str(best) in json.dumps(results)  # the kept model was evaluated (its path is in the settings)
     assert 'class="plot training"' in (out / "study.html").read_text()
+
+
+def test_an_evaluation_record_says_which_of_the_runs_models_it_evaluated(tiny, tmp_path, monkeypatch):
+    """With keep_best, an evaluation of the final model (the run kept nothing, or an older boothkit evaluated it)
+    is not taken for one of best/: when best/ holds a model the evaluation runs again, once."""
+    import boothkit.study.run as study_run
+    from boothkit.config import validate_config
+    from boothkit.study.config import StudyConfig
+    from boothkit.study.plan import build_plan
+
+    plan_path = tmp_path / "plan.toml"
+    plan_path.write_text('methods = ["cfg"]\nsubjects = ["cat"]\n[train]\nvalidation_every = 1\nkeep_best = true\n'
+                         '[recipes.full]\ntrain_mode = "full"\n')
+    out = tmp_path / "out"
+    config = validate_config(StudyConfig, {"pretrained_model_name_or_path": str(tiny["sd15"]),
+                                           "instance_data_dir": str(SUBJECTS), "output_dir": str(out),
+                                           "plan": str(plan_path)})
+    plan = build_plan(config)
+    evaluated = []
+    monkeypatch.setattr(study_run, "train_job", lambda *args: None)
+    monkeypatch.setattr(study_run, "evaluate_job", lambda *args: evaluated.append(
+        study_run.evaluation_options(*args).get("lora_dir")))
+    study_run.run_job(config, plan, plan.jobs[0], out)  # nothing kept: the final model
+    best = out / "train" / "full" / "cat" / "best"
+    best.mkdir(parents=True)
+    (best / "model_index.json").write_text("{}")
+    study_run.run_job(config, plan, plan.jobs[0], out)
+    study_run.run_job(config, plan, plan.jobs[0], out)
+    assert evaluated == [None, str(best)]

@@ -94,11 +94,11 @@ class EvaluationKeys:
 
 
 def _weights_digest(path: Path) -> str:
-    """A LoRA file's digest, or a fully fine-tuned model's (every weight and config file of its folder, weak/
-    and checkpoints aside: they are not the model)."""
+    """A LoRA file's digest, or a fully fine-tuned model's (every weight and config file of its folder, weak/,
+    best/ and checkpoints aside: they are not the model)."""
     if path.is_file():
         return identity.file_digest(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")
-                   and p.relative_to(path).parts[0] not in ("weak", "validation")
+                   and p.relative_to(path).parts[0] not in ("weak", "best", "validation")
                    and not p.relative_to(path).parts[0].startswith(("checkpoint-", ".")))
     return identity.files_digest(files, root=path)

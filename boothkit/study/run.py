@@ -124,8 +124,11 @@ def run_job(config: StudyConfig, plan: Plan, job: Job, out: Path) -> None:
         record["trained"] = train_key
         write_json_atomic(record_path(out, job), record)
     for method in plan.methods:
-        eval_key = value_digest({"train": train_key, "method": method, "options": plan.evaluate,
-                                 "optimize": config.optimize, "prompts": plan.prompts_path})
+        inputs = {"train": train_key, "method": method, "options": plan.evaluate, "optimize": config.optimize,
+                  "prompts": plan.prompts_path}
+        if plan.train_options(job.recipe).get("keep_best"):  # which of the run's models is evaluated
+            inputs["model"] = "best" if "lora_dir" in evaluation_options(config, plan, job, method, out) else "final"
+        eval_key = value_digest(inputs)
         if record["evaluated"].get(method) == eval_key:
             continue
         evaluate_job(config, plan, job, method, out)
@@ -166,10 +169,13 @@ def evaluation_options(config: StudyConfig, plan: Plan, job: Job, method: str, o
         "optimize": ("both" if method == "wig" else "lambda") if config.optimize else "none", **plan.evaluate,
     }
     train_dir = out / "train" / job.recipe / job.subject
-    if plan.train_options(job.recipe).get("keep_best") and (train_dir / "best" / LORA_NAME).is_file():
-        # --keep_best: the kept LoRA (best DINO above the CLIP-T floor) is the one evaluated; AG's weak is the run's
+    best = train_dir / "best"
+    if plan.train_options(job.recipe).get("keep_best") and \
+            ((best / LORA_NAME).is_file() or (best / "model_index.json").is_file()):
+        # --keep_best: the kept model (best DINO above the CLIP-T floor) is the one evaluated, a LoRA or with
+        # --train_mode full a pipeline folder as the run's own; AG's weak is the run's (weak/)
         options.pop("lora_base_dir")
-        options["lora_dir"] = str(train_dir / "best")
+        options["lora_dir"] = str(best)
         if (train_dir / "weak").is_dir():
             options["weak_checkpoint_path"] = str(train_dir / "weak")
     return options
@@ -179,8 +185,12 @@ def evaluate_job(config: StudyConfig, plan: Plan, job: Job, method: str, out: Pa
     from boothkit.evaluate.config import EvaluateConfig
     from boothkit.evaluate.run import run_evaluate
 
+    options = evaluation_options(config, plan, job, method, out)
+    if plan.train_options(job.recipe).get("keep_best") and "lora_dir" not in options:
+        log.warning("%s: keep_best kept no model (no scoring reached min_clip_t): the final model is evaluated",
+                    job.name)
     try:
-        run_evaluate(validate_config(EvaluateConfig, evaluation_options(config, plan, job, method, out)))
+        run_evaluate(validate_config(EvaluateConfig, options))
     except BoothkitError as error:
         raise BoothkitError(f"evaluating {job.name} with {method}: {error}") from None
 

@@ -98,8 +98,9 @@ class TrainConfig(PdmOptions, ModelSourceOptions):
     validation_every: int | None = Field(
         None, ge=0, description="Score validation samples every N steps (and at the end) with DINO, CLIP-I and CLIP-T "
                                 "against the instance photos into validation_scores.csv (0: off).")
-    keep_best: bool = Field(False, description="With --validation_every: keep the LoRA of the scoring with the best "
-                                               "DINO (CLIP-T at least --min_clip_t) in best/.")
+    keep_best: bool = Field(False, description="With --validation_every: keep the model of the scoring with the "
+                                               "best DINO (CLIP-T at least --min_clip_t) in best/ (a LoRA, or "
+                                               "with --train_mode full a pipeline folder).")
     min_clip_t: float | None = Field(None, ge=-1, le=1, description="--keep_best: the CLIP-T a scoring needs to "
                                                                    "count (default: no floor).")
     dino_model: str = Field("facebook/dino-vits16", description="--validation_every: DINO ViT (hub id or path).")

@@ -6,6 +6,9 @@ What the run writes: the output folder is a diffusers pipeline (`DiffusionPipeli
 the trained modules as trained (or their EMA average with `--use_ema`), every other component as the base
 model stores it (loaded afresh from the base, so a run in fp16 does not round the VAE). `weak/` holds only the
 trained modules at the weak step (`weak/unet/`, `weak/text_encoder/`), not a second copy of the VAE and tokenizer.
+`best/` (`--keep_best`) is a pipeline folder like the output folder, so that it samples and evaluates as the run's
+model does: its untrained components are written with the first best, each later best rewrites only the trained
+modules.
 
 EMA (`--use_ema`): θ_ema ← d·θ_ema + (1 − d)·θ after every optimizer step, with diffusers' `EMAModel` (its
 warm-up: d_t = min(decay, (1 + t)/(10 + t))); its state is part of every checkpoint, so a resume is exact.
@@ -21,7 +24,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from boothkit.families.base import ModelFamily
-from boothkit.layout import TMP_PREFIX, OutputFolder, WEAK_DIR
+from boothkit.layout import BEST_DIR, TMP_PREFIX, OutputFolder, WEAK_DIR
 from boothkit.train.config import TrainConfig
 from boothkit.train.lora import enable_gradient_checkpointing
 
@@ -100,10 +103,11 @@ def save_trained_modules(folder: OutputFolder, trainable: dict[str, torch.nn.Mod
 
 
 def save_full_pipeline(folder: OutputFolder, config: TrainConfig, family: ModelFamily,
-                       trainable: dict[str, torch.nn.Module]) -> None:
-    """The output folder as a diffusers pipeline: the trained modules, and the other components as the base
-    model stores them — the ones in memory when they are float32 (exact whatever the stored dtype), a frozen
-    module held in fp16/bf16 for the run loaded again from its source (no second copy of the rest)."""
+                       trainable: dict[str, torch.nn.Module], prefix: str = "") -> None:
+    """The output folder (or its folder `prefix`, e.g. `best`) as a diffusers pipeline: the trained modules, and
+    the other components as the base model stores them — the ones in memory when they are float32 (exact
+    whatever the stored dtype), a frozen module held in fp16/bf16 for the run loaded again from its source (no
+    second copy of the rest)."""
     pipeline = family.pipeline
     held = {}
     for name, component in pipeline.components.items():
@@ -114,7 +118,7 @@ def save_full_pipeline(folder: OutputFolder, config: TrainConfig, family: ModelF
     try:
         with tempfile.TemporaryDirectory(dir=folder.root, prefix=TMP_PREFIX) as staging:
             pipeline.save_pretrained(staging, safe_serialization=True)
-            folder.adopt(Path(staging))
+            folder.adopt(Path(staging), prefix)
     finally:
         pipeline.register_modules(**held)
 
@@ -134,8 +138,18 @@ def release_optimizer_state(optimizer) -> None:
     getattr(optimizer, "optimizer", optimizer).state.clear()
 
 
+def save_best(folder: OutputFolder, config: TrainConfig, family: ModelFamily,
+              trainable: dict[str, torch.nn.Module]) -> None:
+    """`best/` as a pipeline folder (`--keep_best`): whole the first time, then only the trained modules (the
+    other components are the base model's and do not change)."""
+    if folder.owns(f"{BEST_DIR}/model_index.json"):
+        save_trained_modules(folder, trainable, BEST_DIR)
+    else:
+        save_full_pipeline(folder, config, family, trainable, BEST_DIR)
+
+
 def pipeline_parts(config: TrainConfig, family: ModelFamily) -> list[str]:
-    """The names a full run's model occupies in the output folder (for refusing a user's files up front)."""
+    """The names a full run's models occupy in the output folder (for refusing a user's files up front)."""
     index_components = [name for name, spec in family.pipeline.config.items()
                         if not name.startswith("_") and isinstance(spec, (list, tuple)) and None not in spec]
-    return ["model_index.json", *index_components, WEAK_DIR]
+    return ["model_index.json", *index_components, WEAK_DIR, *([BEST_DIR] if config.keep_best else [])]

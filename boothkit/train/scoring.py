@@ -8,9 +8,13 @@ the prompts. Each scoring appends a row (step, DINO, CLIP-I, CLIP-T) to `validat
 `--report_to`, the scalars `validation_scores/DINO`, ... to the tracker.
 
 `--keep_best`: after each scoring, when its DINO is the best so far among the scorings whose CLIP-T is at least
-`--min_clip_t` (no floor by default), the LoRA (with `--train_mode full`, the trained modules, as `weak/`) of that
-step goes to `best/` with `best/score.json` (step and scores). When no scoring passes the floor, the run says so
-in one log line and writes nothing to `best/`.
+`--min_clip_t` (no floor by default), the LoRA of that step goes to `best/` with `best/score.json` (step and
+scores). With `--train_mode full`, `best/` is a pipeline folder like the output folder (the trained modules of that
+step, with `--use_ema` their average; the other components the base model's: `train.full.save_best`), so that
+`boothkit sample --pretrained_model_name_or_path OUT/best`, `evaluate --lora_dir OUT/best` and diffusers take it as
+they take the run's model (AG: `--weak_checkpoint_path OUT/weak`). `best/score.json` is removed while `best/` is
+rewritten and written after it. When no scoring passes the floor, the run says so in one log line and writes
+nothing to `best/`.
 
 Memory: the DINO and CLIP models are loaded once, before training, and stay on the CPU between scorings; on a GPU
 they move to the training device only while scoring (then back, and the cache is emptied).
@@ -36,14 +40,13 @@ from PIL import Image
 
 from boothkit.evaluate.metrics import SubjectMetrics
 from boothkit.io import write_json_atomic, write_text_atomic
-from boothkit.layout import OutputFolder
+from boothkit.layout import BEST_DIR, OutputFolder
 from boothkit.train.concepts import ConceptImages, ValidationPrompt
 from boothkit.train.validation import validation_image_names
 
 log = logging.getLogger(__name__)
 
 SCORES_NAME = "validation_scores.csv"
-BEST_DIR = "best"
 BEST_SCORE_NAME = f"{BEST_DIR}/score.json"
 METRICS = ("DINO", "CLIP-I", "CLIP-T")
 
@@ -174,6 +177,9 @@ class Scorer:
         floor = self.config.min_clip_t
         passes = floor is None or float(row["CLIP-T"]) >= floor
         if passes and (self.best is None or float(row["DINO"]) > float(self.best["DINO"])):
+            # No score.json while best/ is rewritten: a run killed meanwhile leaves a best/ that its resume clears,
+            # never one whose score.json names an earlier step than (some of) its weights
+            self.folder.remove(BEST_SCORE_NAME)
             save_best()
             write_json_atomic(self.folder.path(BEST_SCORE_NAME),
                               {"step": step, **{name: float(row[name]) for name in METRICS},

@@ -27,8 +27,8 @@ from boothkit.data.images import load_image_folder, warn_small_images
 from boothkit.errors import BoothkitError
 from boothkit.families import FamilyOptions, ModelFamily, family_class_for, load_family, read_model_index, weights_dtype
 from boothkit.families.base import Conditioning
-from boothkit.layout import (LORA_WEIGHT_NAME, TRAIN_LOG_NAME, VALIDATION_PROMPTS_NAME, WEAK_DIR, OutputFolder,
-                             check_output_folder, lora_file, weak_dir)
+from boothkit.layout import (BEST_DIR, LORA_WEIGHT_NAME, TRAIN_LOG_NAME, VALIDATION_PROMPTS_NAME, WEAK_DIR,
+                             OutputFolder, check_output_folder, lora_file, weak_dir)
 from boothkit.train import checkpoint as ckpt
 from boothkit.train.class_images import concept_class_images
 from boothkit.train.concepts import Concept, ConceptImages, RowPicker, ValidationPrompt, concepts_of
@@ -185,19 +185,31 @@ def _train_steps(run: Run) -> float:
     return loss
 
 
-def _save_model(run: Run, weak: bool, prefix: str = WEAK_DIR) -> None:
-    """The LoRA (or with --train_mode full the pipeline folder; weak: the trained modules only) of this step;
-    weak=True with `prefix` "best": the same into best/ (`--keep_best`)."""
+def _save_model(run: Run, weak: bool) -> None:
+    """The LoRA (or with --train_mode full the pipeline folder; weak: the trained modules only) of this step."""
     if run.config.train_mode == "full":
         with full.averaged_weights(run.ema, run.parameters):
             if weak:
-                full.save_trained_modules(run.folder, run.trainable, prefix)
+                full.save_trained_modules(run.folder, run.trainable, WEAK_DIR)
             else:
                 full.save_full_pipeline(run.folder, run.config, run.family, run.trainable)
         return
+    _save_lora(run, LORA_WEIGHT_NAME if not weak else lora_file(WEAK_DIR))
+
+
+def _save_best(run: Run) -> None:
+    """best/ (`--keep_best`): the LoRA of this step, or with --train_mode full a pipeline folder like the run's
+    own (with `--use_ema`: the average), which `boothkit sample` and `evaluate` take as they take the run's."""
+    if run.config.train_mode == "full":
+        with full.averaged_weights(run.ema, run.parameters):
+            full.save_best(run.folder, run.config, run.family, run.trainable)
+        return
+    _save_lora(run, lora_file(BEST_DIR))
+
+
+def _save_lora(run: Run, name: str | Path) -> None:
     description = training_description(run.config, run.family, run.images.concepts, len(run.instance))
-    directory = run.folder.path(lora_file(prefix) if weak else LORA_WEIGHT_NAME).parent
-    save_lora(run.family, run.trainable, directory, description)
+    save_lora(run.family, run.trainable, run.folder.path(name).parent, description)
 
 
 def _after_step(run: Run, step: int) -> None:
@@ -227,7 +239,7 @@ def _validate(run: Run, step: int) -> None:
     if len(validations) > 1:
         record_validation_prompts(run.folder.path(VALIDATION_PROMPTS_NAME), validations, step)
     if scored:
-        run.scorer.record(step, images, lambda: _save_model(run, weak=True, prefix=scoring.BEST_DIR), run.reporter)
+        run.scorer.record(step, images, lambda: _save_best(run), run.reporter)
 
 
 def _save_checkpoint(run: Run, step: int) -> None:
@@ -446,11 +458,14 @@ def _claim_output_dir(config: TrainConfig, family: ModelFamily, folder: OutputFo
     user's file in the way ends the run now rather than after all its steps."""
     _tidy_output_dir(config, folder, resumed, resume_path)
     folder.claim(*planned_outputs(config, resumed.step if resumed else 0, validations))
-    if config.train_mode == "full":
-        users = folder.users_files(*full.pipeline_parts(config, family))
-        if users:
-            raise BoothkitError(f"'{folder.root / users[0]}' is in the way of the model this run saves there and "
-                                "boothkit did not write it: move it, or choose another --output_dir")
+    if config.train_mode == "full":  # a pipeline folder (and weak/, best/): its files are named as they are saved
+        in_the_way = full.pipeline_parts(config, family)
+    else:  # best/ is written only if a scoring passes the floor: checked now, claimed when written
+        in_the_way = [lora_file(BEST_DIR).as_posix(), scoring.BEST_SCORE_NAME] if config.keep_best else []
+    users = folder.users_files(*in_the_way)
+    if users:
+        raise BoothkitError(f"'{folder.root / users[0]}' is in the way of the model this run saves there and "
+                            "boothkit did not write it: move it, or choose another --output_dir")
     weak_file = WEAK_LORA if config.train_mode == "lora" else Path(WEAK_DIR) / family.denoiser_name / "config.json"
     if resumed is not None and 0 < config.resolved_weak_step <= resumed.step and not folder.owns(weak_file):
         log.warning("'%s' gets no weak LoRA: its step (%d) precedes the resumed step %d; copy the weak/ of the run "
