@@ -44,9 +44,18 @@ def bootstrap_interval(values: list[float], level: float = 0.95, resamples: int 
     return float(low), float(high)
 
 
+# Fewer pairs give no verdict: with n pairs the bootstrap interval of the median is about their range, and n
+# pairs all on one side of a true median happen by chance with probability 2·0.5^n (sign test): 0.25 for 3,
+# 0.0625 for 5, 0.031 for 6 -- six pairs are the fewest that can reach 95 %.
+MIN_PAIRS = 6
+
+
 def verdict(ratios: list[float], goal: float, at_least: bool) -> str:
-    """'holds', 'fails' or 'undecided, run longer': a verdict only when the median's 95 % bootstrap interval
-    lies wholly on one side of the goal (ratio ≥ goal when `at_least`, else ratio ≤ goal)."""
+    """'holds', 'fails' or 'undecided, run longer': a verdict only from at least `MIN_PAIRS` pairs and when the
+    median's 95 % bootstrap interval lies wholly on one side of the goal (ratio ≥ goal when `at_least`, else
+    ratio ≤ goal)."""
+    if len(ratios) < MIN_PAIRS:
+        return "undecided, run longer"
     low, high = bootstrap_interval(ratios)
     if at_least:
         return "holds" if low >= goal else "fails" if high < goal else "undecided, run longer"

@@ -41,5 +41,12 @@ def test_a_verdict_only_when_the_interval_excludes_the_other_side(ratios, goal, 
 
 
 def test_the_line_prints_the_median_its_interval_and_the_verdict():
-    line = ratio_line("speed ratio", [2.3, 2.4, 2.2, 2.5, 2.35], goal=2.0)
-    assert line.startswith("speed ratio: 2.35x (95% interval ") and line.endswith("goal >= 2x: holds")
+    line = ratio_line("speed ratio", [2.3, 2.4, 2.2, 2.5, 2.35, 2.4], goal=2.0)
+    assert line.startswith("speed ratio: 2.38x (95% interval ") and line.endswith("goal >= 2x: holds")
+
+
+def test_too_few_pairs_give_no_verdict_however_clear_they_look():
+    """Five pairs all above the goal happen by chance 6 % of the time (sign test): no verdict below six."""
+    assert verdict([2.3, 2.4, 2.2, 2.5, 2.35], 2.0, True) == "undecided, run longer"
+    assert verdict([2.3, 2.4, 2.2, 2.5, 2.35, 2.4], 2.0, True) == "holds"
+    assert verdict([1.2, 1.25, 1.22, 1.18, 1.21], 1.05, False) == "undecided, run longer"
