@@ -1,7 +1,8 @@
 """`boothkit` command line. User errors end in one line on stderr and exit status 2, never a traceback.
 
-Building the parser imports only the light schema modules (pydantic, no torch): `--help`, `--version` and
-argument errors answer at once, and each command imports torch, diffusers and friends when it runs.
+Building the parser imports only the light schema modules (pydantic, no torch), and only the schema of the
+command being run (`build_parser(argv)`): `--help`, `--version` and argument errors answer at once, and each
+command imports torch, diffusers and friends when it runs.
 """
 
 from __future__ import annotations
@@ -161,21 +162,29 @@ def command_schemas() -> dict[str, type]:
     return {command.name: command.load_schema() for command in SCHEMA_COMMANDS}
 
 
-def _add_schema_command(subparsers, command: SchemaCommand) -> None:
+def _add_schema_command(subparsers, command: SchemaCommand, flags: bool = True) -> None:
+    """The command's sub-parser; with `flags` False only its name and help line (`boothkit --help` lists it, and
+    its schema module is not imported)."""
+    parser = subparsers.add_parser(command.name, help=command.help, description=command.help)
+    if not flags:
+        return
     from boothkit.config import add_schema_arguments, build_config
 
     schema = command.load_schema()
-    parser = subparsers.add_parser(command.name, help=command.help, description=command.help)
     parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags.")
     add_schema_arguments(parser, schema)
     parser.set_defaults(handler=lambda args: command.run(build_config(schema, args)))
 
 
-def _add_tiny(subparsers) -> None:
+_TINY_HELP = "Write a tiny random model (offline stand-in for tests and demos)."
+
+
+def _add_tiny(subparsers, arguments: bool = True) -> None:
+    parser = subparsers.add_parser("tiny", help=_TINY_HELP, description=_TINY_HELP)
+    if not arguments:
+        return
     from boothkit.testing.tiny import TINY_KINDS
 
-    help_text = "Write a tiny random model (offline stand-in for tests and demos)."
-    parser = subparsers.add_parser("tiny", help=help_text, description=help_text)
     parser.add_argument("kind", choices=TINY_KINDS)
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights. (default: 0)")
@@ -191,13 +200,17 @@ def _run_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line. Given the `argv` it will parse, only the commands that `argv` names get their
+    flags (a command's sub-parser runs only when its name is in `argv`): the others are listed by name and help
+    line, and their schema modules are not imported. Without `argv`, every command gets its flags."""
     parser = _Parser(prog="boothkit", description="Personalize text-to-image diffusion models (DreamBooth-LoRA).")
     parser.add_argument("--version", action="version", version=f"boothkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    named = None if argv is None else set(argv)
     for command in SCHEMA_COMMANDS:
-        _add_schema_command(subparsers, command)
-    _add_tiny(subparsers)
+        _add_schema_command(subparsers, command, flags=named is None or command.name in named)
+    _add_tiny(subparsers, arguments=named is None or "tiny" in named)
     return parser
 
 
@@ -235,7 +248,8 @@ def _describe_os_error(error: OSError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(argv).parse_args(argv)
         return args.handler(args)
     except BoothkitError as error:
         _report(str(error))

@@ -80,7 +80,7 @@ def test_a_traceback_and_a_missing_mention_are_found(workspace, monkeypatch):
         "warning: 99 tokens"]
     row = run_case(1, Case("tiny", "says", "error", lambda c: ["tiny", "nonsense", "x"], says=("sd99",)), workspace)
     assert row.problems == ["missing mention: output does not mention 'sd99'"]
-    monkeypatch.setattr(bad_inputs.cli, "build_parser", lambda: 1 / 0)
+    monkeypatch.setattr(bad_inputs.cli, "build_parser", lambda *argv: 1 / 0)
     row = run_case(2, Case("tiny", "crash", "error", lambda c: ["tiny", "dino", "x"]), workspace)
     assert row.traceback and row.problems == ["traceback"] and "ZeroDivisionError" in row.first_line
 

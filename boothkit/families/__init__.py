@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -10,17 +11,32 @@ from diffusers import DiffusionPipeline
 
 from boothkit.errors import BoothkitError, first_line
 from boothkit.families.base import Conditioning, FamilyOptions, LatentDistribution, ModelFamily
-from boothkit.families.sana import SanaFamily
-from boothkit.families.sd import StableDiffusionFamily
-from boothkit.families.sdxl import StableDiffusionXLFamily
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusionFamily, StableDiffusionXLFamily, SanaFamily)
+# Each family by the pipeline class that a model's `model_index.json` names (its `pipeline_class_names`), and
+# where the family is defined: its module, and what that imports (SANA: diffusers' SanaPipeline), loads only
+# when a model of the family does.
+FAMILY_OF_PIPELINE: dict[str, str] = {
+    "StableDiffusionPipeline": "boothkit.families.sd:StableDiffusionFamily",
+    "StableDiffusionXLPipeline": "boothkit.families.sdxl:StableDiffusionXLFamily",
+    "SanaPipeline": "boothkit.families.sana:SanaFamily",
+}
 # Pipelines of the field that boothkit knows but does not support yet: a clearer message than "unsupported".
 PLANNED: dict[str, str] = {}
 
 __all__ = ["Conditioning", "FamilyOptions", "LatentDistribution", "ModelFamily", "FAMILIES", "load_family",
            "family_class_for", "load_vae", "weights_dtype"]
 _PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _family_class(spec: str) -> type[ModelFamily]:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def __getattr__(name: str):
+    if name == "FAMILIES":  # every family class, in FAMILY_OF_PIPELINE's order (imports every family's module)
+        return tuple(dict.fromkeys(_family_class(spec) for spec in FAMILY_OF_PIPELINE.values()))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def weights_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -64,12 +80,11 @@ def _check_components(folder: Path, index: dict, skipped: set[str]) -> None:
 
 def family_class_for(model_index: dict, source: str) -> type[ModelFamily]:
     class_name = model_index.get("_class_name", "")
-    for family in FAMILIES:
-        if class_name in family.pipeline_class_names:
-            return family
+    if class_name in FAMILY_OF_PIPELINE:
+        return _family_class(FAMILY_OF_PIPELINE[class_name])
     if class_name in PLANNED:
         raise BoothkitError(f"model '{source}' is a {PLANNED[class_name]} pipeline, which boothkit does not support yet")
-    supported = ", ".join(name for family in FAMILIES for name in family.pipeline_class_names)
+    supported = ", ".join(FAMILY_OF_PIPELINE)
     raise BoothkitError(f"model '{source}' is a {class_name or 'unknown'} pipeline; boothkit supports: {supported}")
 
 

@@ -33,16 +33,18 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from PIL import Image
 
-from boothkit.evaluate.metrics import SubjectMetrics
 from boothkit.io import write_json_atomic, write_text_atomic
 from boothkit.layout import BEST_DIR, OutputFolder
 from boothkit.train.concepts import ConceptImages, ValidationPrompt
 from boothkit.train.validation import validation_image_names
+
+if TYPE_CHECKING:
+    from boothkit.evaluate.metrics import SubjectMetrics
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ def load_metrics(config) -> SubjectMetrics | None:
     """The metric models (on the CPU), loaded once; None without --validation_every."""
     if not config.validation_every:
         return None
+    from boothkit.evaluate.metrics import SubjectMetrics  # here: a run without --validation_every never needs it
+
     return SubjectMetrics(config.dino_model, config.clip_model, device="cpu")
 
 
