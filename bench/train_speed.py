@@ -8,6 +8,11 @@ reduced width (`build_sdxl_bench`: two text encoders, ~54 M UNet parameters) aga
 checkpointing); `--prior` adds prior preservation (5 class images given to both, so neither generates any),
 `--text_encoder` adds `--train_text_encoder`.
 
+One CPU thread per trainer by default (`--threads`, as bench/guidance_cost.py): with torch's default of one
+thread per core, a 2-core machine that has any other work running turns a 140 ms step into 2-5 s (OpenMP
+threads waiting on a descheduled partner; measured: the same UNet step 4.8 s median at load 2.7 with two threads,
+0.19 s with one). Ratios at one thread are compute ratios that reproduce; `--threads 0` keeps the default.
+
 A round runs each trainer twice, a short and a long run (`--steps`, e.g. 10 and 40); steady steps/s =
 (long − short) / (t_long − t_short), so start-up (imports, loading, caching) cancels; peak RSS is the larger
 of the two children's maxrss. Each round gives one boothkit/diffusers ratio (the same machine load for both);
@@ -60,14 +65,22 @@ FAMILY_FLAGS = {"sd": [], "sana": ["--lora_layers", "to_k,to_q,to_v"], "sdxl": [
 SPEED_GOAL, MEMORY_GOAL = 2.0, 1.0
 
 
-def measure(name: str, make_command, steps: tuple[int, int], work: Path) -> dict:
+def child_env(threads: int) -> dict[str, str]:
+    """The children's environment: `threads` OpenMP/MKL threads each (0: torch's default, one per core)."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def measure(name: str, make_command, steps: tuple[int, int], work: Path, env: dict[str, str]) -> dict:
     """Steady steps/s = (long - short) / (t_long - t_short), in wall and in CPU seconds (a child's CPU time
     is less sensitive than wall time to other processes loading the machine, not immune); peak RSS of both runs."""
     wall, cpu, peak = {}, {}, 0.0
     for count in steps:
         out = work / f"{name}-{count}"
         shutil.rmtree(out, ignore_errors=True)
-        _, wall[count], cpu[count], rss = timed_run(make_command(count, out), dict(os.environ), work / f"{name}.log")
+        _, wall[count], cpu[count], rss = timed_run(make_command(count, out), env, work / f"{name}.log")
         peak = max(peak, rss)
     short, long = steps
     return {"name": name, "steps_per_s": (long - short) / (wall[long] - wall[short]),
@@ -99,6 +112,8 @@ def parse_args() -> argparse.Namespace:
                              "train_dreambooth.py with --train_mode full")
     parser.add_argument("--refshim", type=Path, default=Path(__file__).resolve().parents[2] / "shared/tools/refshim/run_ref.py")
     parser.add_argument("--steps", type=int, nargs=2, default=(10, 40), metavar=("SHORT", "LONG"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of each trainer (default 1; 0: torch's default, one per core)")
     parser.add_argument("--rounds", "--repeats", type=int, default=9, help="Rounds; each measures every trainer once.")
     args = parser.parse_args()
     if args.train_mode == "full" and args.reference_script and args.family != "sd":
@@ -146,12 +161,13 @@ def main() -> None:
         rounds = []
         for index in range(args.rounds):  # A B, B A, A B, ...: both trainers see the same load, neither always first
             order = runs if index % 2 == 0 else runs[::-1]
-            rounds.append({name: measure(name, command, tuple(args.steps), work) for name, command in order})
+            rounds.append({name: measure(name, command, tuple(args.steps), work, child_env(args.threads))
+                           for name, command in order})
         setting = "rank 4" if args.train_mode == "lora" else "full fine-tuning (UNet)"
         extras = [flag for flag, on in (("prior preservation", args.prior), ("text-encoder LoRA", args.text_encoder)) if on]
         print(f"family {args.family}, mode {args.train_mode}, model {args.model or 'bench'}, {args.resolution} px, "
               f"batch 1, {setting}{''.join(', ' + e for e in extras)}, steps {args.steps[0]}/{args.steps[1]}, "
-              f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f} at the end")
+              f"{args.rounds} rounds, {args.threads or 'default'} thread(s), load average {os.getloadavg()[0]:.1f} at the end")
         report(rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
