@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from PIL import Image
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
@@ -111,6 +112,24 @@ def test_ag_branches_match_separate_fine_and_weak_pipelines(sd15, sd15_lora):
         unet_output(weak, latents, timestep, ""), unet_output(weak, latents, timestep, "a photo of sks dog"),
         4.0, 2.5)
     torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,rows", [("ag", {"fine": 4, "weak": 4}), ("wig", {"fine": 4})])
+def test_each_lora_runs_only_on_the_rows_that_use_it(sd15, sd15_lora, method, rows):
+    """AG's batch of 2 latents (fine and weak, each uncond and cond: 8 rows) selects one LoRA per row: each runs
+    on its own 4 rows only, not both on all 8 times 0 or 1. WIG's 4 rows scale the
+    fine LoRA by 1 and ω: it runs on every row."""
+    ours = sampler(sd15, sd15_lora, method, guidance_scale=2.5, cfg_scale=4.0, omega=0.5)
+    seen = {}
+    layer = next(m for m in ours.family.denoiser.modules() if isinstance(m, LoraLayer))
+    hooks = [layer.lora_A[name].register_forward_hook(
+        lambda module, args, out, name=name: seen.__setitem__(name, args[0].shape[0])) for name in layer.lora_A]
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    ours.denoise(latents, torch.tensor(300), ours.conditioning(["a photo of sks dog"] * 2, None))
+    for hook in hooks:
+        hook.remove()
+    assert seen == rows
+    assert "forward" not in vars(layer)  # the routing ends with the call
 
 
 @pytest.mark.parametrize("method,scales", [("cfg", {"guidance_scale": 5.0}),

@@ -10,6 +10,7 @@ are copied and no adapter is (un)loaded inside the sampling loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import warnings
@@ -113,23 +114,72 @@ def lora_layers(module: torch.nn.Module) -> list[LoraLayer]:
 def per_sample_scales(modules: list[torch.nn.Module], scales: dict[str, torch.Tensor]) -> Iterator[None]:
     """Within the block, adapter `name`'s contribution to batch row i is multiplied by `scales[name][i]`.
 
-    Adapters whose factors are all 1 are left untouched, so a plain batch runs exactly as without scaling.
+    Adapters whose factors are all 1 are left untouched, so a plain batch runs exactly as without scaling. When
+    every factor is 0 or 1, no row has two adapters and the layers have no other active adapter (AG's batch:
+    the fine LoRA on its rows, the weak one on the others), each LoRA runs on its own rows only
+    (`_forward_by_blocks`), instead of every LoRA on every row times 0 or 1.
     """
     scaled = {name: factors for name, factors in scales.items() if not bool((factors == 1).all())}
-    replaced = []
+    layers = [layer for module in modules for layer in lora_layers(module)] if scaled else []
+    blocks = _adapter_blocks(scales, layers) if scaled else None
+    replaced, routed = [], []
     try:
-        if scaled:
-            for module in modules:
-                for layer in lora_layers(module):
-                    for name, factors in scaled.items():
-                        if name in layer.lora_B:
-                            _check_plain_lora(layer, name)
-                            replaced.append((layer, name, layer.scaling[name]))
-                            layer.scaling[name] = _row_scaling(layer, layer.scaling[name], factors)
+        for layer in layers:
+            if blocks is not None and "forward" not in vars(layer):
+                routed.append(layer)  # the instance attribute wins over the class's forward in Module.__call__
+                layer.forward = functools.partial(_forward_by_blocks, layer, blocks)
+                continue
+            for name, factors in scaled.items():
+                if name in layer.lora_B:
+                    _check_plain_lora(layer, name)
+                    replaced.append((layer, name, layer.scaling[name]))
+                    layer.scaling[name] = _row_scaling(layer, layer.scaling[name], factors)
         yield
     finally:
         for layer, name, scaling in replaced:
             layer.scaling[name] = scaling
+        for layer in routed:
+            del layer.forward
+
+
+def _adapter_blocks(scales: dict[str, torch.Tensor], layers: list[LoraLayer]) -> list[tuple[str, int, int]] | None:
+    """[(adapter, first row, end row)] when the factors select rather than scale: all 0 or 1, at most one adapter
+    at 1 per row, each adapter's rows contiguous (a branch-major batch), plain LoRAs, and no other adapter active
+    in any layer (another LoRA at its weight on every row has no block). Otherwise None."""
+    blocks = []
+    for name, factors in scales.items():
+        rows = torch.nonzero(factors.detach().cpu() == 1).flatten().tolist()
+        if not bool(((factors == 0) | (factors == 1)).all()) or rows != list(range(rows[0], rows[-1] + 1) if rows else []):
+            return None
+        if rows:
+            blocks.append((name, rows[0], rows[-1] + 1))
+    ordered = sorted(blocks, key=lambda block: block[1])
+    if any(later[1] < earlier[2] for earlier, later in zip(ordered, ordered[1:])):  # a row with two adapters
+        return None
+    names = set(scales)
+    for layer in layers:
+        if getattr(layer, "merged", False) or not set(layer.active_adapters) <= names or any(
+                layer.use_dora.get(name, False) or name in getattr(layer, "lora_variant", {}) for name in names):
+            return None
+    return blocks
+
+
+def _forward_by_blocks(layer: LoraLayer, blocks: list[tuple[str, int, int]], x: torch.Tensor, *args, **kwargs):
+    """W·x for every row, plus each adapter's s·B(A(x)) on its own rows only: what peft's mixed-adapter batch
+    (`adapter_names`) computes, with row slices (views) where peft gathers and scatters copies by index, since
+    the rows of one adapter are contiguous here. Rows outside every block get the base model."""
+    result = layer.base_layer(x, *args, **kwargs)
+    for name, start, end in blocks:
+        if name not in layer.lora_A:
+            continue
+        lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+        rows = layer.lora_dropout[name](x[start:end].to(lora_A.weight.dtype))
+        delta = (lora_B(lora_A(rows)) * layer.scaling[name]).to(result.dtype)
+        if torch.is_grad_enabled():  # autograd forbids the in-place add on a slice of a leaf: out of place
+            result = torch.cat((result[:start], result[start:end] + delta, result[end:]))
+        else:
+            result[start:end] += delta
+    return result
 
 
 def _row_scaling(layer: LoraLayer, scaling: float, factors: torch.Tensor):
