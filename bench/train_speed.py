@@ -23,7 +23,7 @@ longer" while the interval straddles the goal (`child_runs.ratio_line`).
     python bench/train_speed.py [--family sd|sana|sdxl] [--train_mode lora|full] [--prior] [--text_encoder]
                                 [--reference_script PATH/TO/train_dreambooth[_lora[_sana|_sdxl]].py]
                                 [--refshim ../shared/tools/refshim/run_ref.py] [--resolution 128] [--rounds 9]
-                                [--steps 10 40]
+                                [--steps 10 40] [-- FLAGS FOR BOTH TRAINERS]
 
 The reference script is fetched by the user (it is never part of boothkit) and run unmodified
 through refshim. Without it only boothkit is measured.
@@ -115,7 +115,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads of each trainer (default 1; 0: torch's default, one per core)")
     parser.add_argument("--rounds", "--repeats", type=int, default=9, help="Rounds; each measures every trainer once.")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    args.extra = [flag for flag in extra if flag != "--"]  # after `--`: flags both trainers get (--mixed_precision ...)
     if args.train_mode == "full" and args.reference_script and args.family != "sd":
         parser.error("--train_mode full has a diffusers reference (train_dreambooth.py) only for --family sd")
     return args
@@ -137,7 +138,7 @@ def shared_flags(args: argparse.Namespace, work: Path) -> list[str]:
         count = str(len(list(class_images(work).iterdir())))
         flags += ["--with_prior_preservation", "--class_data_dir", str(work / "class_images"),
                   "--class_prompt", "a photo of dog", "--num_class_images", count]
-    return flags + (["--train_text_encoder"] if args.text_encoder else [])
+    return flags + (["--train_text_encoder"] if args.text_encoder else []) + getattr(args, "extra", [])
 
 
 def trainers(args: argparse.Namespace, model: Path, images: Path, shared: list[str]) -> list[tuple[str, object]]:

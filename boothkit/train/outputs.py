@@ -1,17 +1,30 @@
-"""The training output folder's own files: the resolved config and the loss log (names: `boothkit.layout`)."""
+"""The training output folder's own files (the resolved config, the loss log; names: `boothkit.layout`), and what a
+run checks and tidies there before its first step."""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from boothkit.errors import BoothkitError
 from boothkit.io import write_json_atomic, write_text_atomic
-from boothkit.layout import (LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME, TRAIN_LOG_NAME, VALIDATION_PROMPTS_NAME, OutputFolder,
-                             lora_file, weak_dir)
+from boothkit.layout import (BEST_DIR, LORA_WEIGHT_NAME, TRAIN_CONFIG_NAME, TRAIN_LOG_NAME, VALIDATION_PROMPTS_NAME,
+                             WEAK_DIR, OutputFolder, lora_file, weak_dir)
+from boothkit.train import checkpoint as ckpt
+from boothkit.train import full, scoring
 from boothkit.train.config import TrainConfig
 from boothkit.train.validation import validation_image_names
+
+if TYPE_CHECKING:
+    from boothkit.families.base import ModelFamily
+    from boothkit.train.concepts import ValidationPrompt
+
+log = logging.getLogger(__name__)
+WEAK_LORA = lora_file(weak_dir(""))  # weak/pytorch_lora_weights.safetensors, relative to the output folder
 
 _LIBRARIES = ("boothkit", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 
@@ -94,3 +107,42 @@ def resolved_settings(config: TrainConfig, family, resolution: int, accelerator)
         "prediction_type": getattr(family, "prediction_type", None),
         "device": str(accelerator.device), "num_processes": accelerator.num_processes,
     }
+
+
+def claim_output_dir(config: TrainConfig, family: "ModelFamily", folder: OutputFolder, resumed: ckpt.Checkpoint | None,
+                      resume_path: Path | None, validations: list["ValidationPrompt"]) -> None:
+    """Main process, before the first step: tidy the folder, then claim every file the run will write, so that a
+    user's file in the way ends the run now rather than after all its steps."""
+    tidy_output_dir(config, folder, resumed, resume_path)
+    folder.claim(*planned_outputs(config, resumed.step if resumed else 0, validations))
+    if config.train_mode == "full":  # a pipeline folder (and weak/, best/): its files are named as they are saved
+        in_the_way = full.pipeline_parts(config, family)
+    else:  # best/ is written only if a scoring passes the floor: checked now, claimed when written
+        in_the_way = [lora_file(BEST_DIR).as_posix(), scoring.BEST_SCORE_NAME] if config.keep_best else []
+    users = folder.users_files(*in_the_way)
+    if users:
+        raise BoothkitError(f"'{folder.root / users[0]}' is in the way of the model this run saves there and "
+                            "boothkit did not write it: move it, or choose another --output_dir")
+    weak_file = WEAK_LORA if config.train_mode == "lora" else Path(WEAK_DIR) / family.denoiser_name / "config.json"
+    if resumed is not None and 0 < config.resolved_weak_step <= resumed.step and not folder.owns(weak_file):
+        log.warning("'%s' gets no weak LoRA: its step (%d) precedes the resumed step %d; copy the weak/ of the run "
+                    "that wrote %s", folder.root, config.resolved_weak_step, resumed.step, resume_path)
+
+
+def tidy_output_dir(config: TrainConfig, folder: OutputFolder, resumed: ckpt.Checkpoint | None,
+                     resume_path: Path | None) -> None:
+    """Main process only: what an earlier run left that this run must not mix with its own outputs. Only
+    boothkit's files (the manifest's) are removed; a user's file beside them stays. A checkpoint of another
+    folder's run starts this folder afresh (`train` let it in only when the folder is empty or --overwrite)."""
+    if resumed is None or not ckpt.is_own_checkpoint(folder.root, resume_path):
+        if resumed is None and config.resume_from_checkpoint:
+            log.info("no checkpoint to resume in '%s': starting a new run", folder.root)
+        if config.overwrite:
+            removed = folder.clear()
+            if removed:
+                log.info("--overwrite: removed the %d files of the earlier run in '%s'", removed, folder.root)
+        return
+    folder.remove_staging()  # what a killed run was writing
+    for name in ckpt.remove_checkpoints_after(folder, resumed.step):
+        # the abandoned continuation of the run resumed from an older checkpoint
+        log.info("removing %s: it is newer than the checkpoint this run resumes from", name)

@@ -28,10 +28,10 @@ from boothkit.errors import BoothkitError
 from boothkit.families import FamilyOptions, ModelFamily, family_class_for, load_family, read_model_index, weights_dtype
 from boothkit.families.base import Conditioning
 from boothkit.layout import (BEST_DIR, LORA_WEIGHT_NAME, TRAIN_LOG_NAME, VALIDATION_PROMPTS_NAME, WEAK_DIR,
-                             OutputFolder, check_output_folder, lora_file, weak_dir)
+                             OutputFolder, check_output_folder, lora_file)
 from boothkit.train import checkpoint as ckpt
 from boothkit.train.class_images import concept_class_images
-from boothkit.train.concepts import Concept, ConceptImages, RowPicker, ValidationPrompt, concepts_of
+from boothkit.train.concepts import Concept, ConceptImages, RowPicker, concepts_of
 from boothkit.train.config import TrainConfig
 from boothkit.train import full
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
@@ -41,14 +41,13 @@ from boothkit.train.lora import (attach_adapters, lora_targets, prompt_encoding_
 from boothkit.train.pdm import captured_queries
 from boothkit.train.regularizers import Regularizers, per_sample_loss, prepare_regularizers
 from boothkit.train.optim import make_optimizer, parameter_groups, restore, text_encoder_lr
-from boothkit.train.outputs import TrainLog, planned_outputs, resolved_settings, write_train_config
+from boothkit.train.outputs import WEAK_LORA, TrainLog, claim_output_dir, resolved_settings, write_train_config
 from boothkit.train import reporting, scoring
 from boothkit.train.run_identity import check_same_run, run_identity
 from boothkit.train.validation import (record_validation_prompts, save_validation_images, validation_folder,
                                        validation_image_names)
 
 log = logging.getLogger(__name__)
-WEAK_LORA = lora_file(weak_dir(""))  # weak/pytorch_lora_weights.safetensors, relative to the output folder
 
 
 @dataclass
@@ -378,7 +377,7 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
     if resumed is not None:
         _check_resumable(resumed, identity, config.resume_from_checkpoint)
     start_step = resumed.step if resumed else 0
-    _on_main_process(accelerator, lambda: _claim_output_dir(config, family, folder, resumed, resume_path,
+    _on_main_process(accelerator, lambda: claim_output_dir(config, family, folder, resumed, resume_path,
                                                             images.validations()))
     for module in family.frozen_modules():
         module.requires_grad_(False)
@@ -450,45 +449,6 @@ def _on_main_process(accelerator: Accelerator, action) -> None:
         error = broadcast_object_list([error], from_process=0)[0]
     if error is not None:
         raise BoothkitError(error)
-
-
-def _claim_output_dir(config: TrainConfig, family: ModelFamily, folder: OutputFolder, resumed: ckpt.Checkpoint | None,
-                      resume_path: Path | None, validations: list[ValidationPrompt]) -> None:
-    """Main process, before the first step: tidy the folder, then claim every file the run will write, so that a
-    user's file in the way ends the run now rather than after all its steps."""
-    _tidy_output_dir(config, folder, resumed, resume_path)
-    folder.claim(*planned_outputs(config, resumed.step if resumed else 0, validations))
-    if config.train_mode == "full":  # a pipeline folder (and weak/, best/): its files are named as they are saved
-        in_the_way = full.pipeline_parts(config, family)
-    else:  # best/ is written only if a scoring passes the floor: checked now, claimed when written
-        in_the_way = [lora_file(BEST_DIR).as_posix(), scoring.BEST_SCORE_NAME] if config.keep_best else []
-    users = folder.users_files(*in_the_way)
-    if users:
-        raise BoothkitError(f"'{folder.root / users[0]}' is in the way of the model this run saves there and "
-                            "boothkit did not write it: move it, or choose another --output_dir")
-    weak_file = WEAK_LORA if config.train_mode == "lora" else Path(WEAK_DIR) / family.denoiser_name / "config.json"
-    if resumed is not None and 0 < config.resolved_weak_step <= resumed.step and not folder.owns(weak_file):
-        log.warning("'%s' gets no weak LoRA: its step (%d) precedes the resumed step %d; copy the weak/ of the run "
-                    "that wrote %s", folder.root, config.resolved_weak_step, resumed.step, resume_path)
-
-
-def _tidy_output_dir(config: TrainConfig, folder: OutputFolder, resumed: ckpt.Checkpoint | None,
-                     resume_path: Path | None) -> None:
-    """Main process only: what an earlier run left that this run must not mix with its own outputs. Only
-    boothkit's files (the manifest's) are removed; a user's file beside them stays. A checkpoint of another
-    folder's run starts this folder afresh (`train` let it in only when the folder is empty or --overwrite)."""
-    if resumed is None or not ckpt.is_own_checkpoint(folder.root, resume_path):
-        if resumed is None and config.resume_from_checkpoint:
-            log.info("no checkpoint to resume in '%s': starting a new run", folder.root)
-        if config.overwrite:
-            removed = folder.clear()
-            if removed:
-                log.info("--overwrite: removed the %d files of the earlier run in '%s'", removed, folder.root)
-        return
-    folder.remove_staging()  # what a killed run was writing
-    for name in ckpt.remove_checkpoints_after(folder, resumed.step):
-        # the abandoned continuation of the run resumed from an older checkpoint
-        log.info("removing %s: it is newer than the checkpoint this run resumes from", name)
 
 
 def _accelerator(config: TrainConfig) -> Accelerator:
