@@ -308,8 +308,19 @@ def test_flag_pattern_reads_fstrings_and_placeholders():
     assert [_FLAG.findall(text) for text in texts] == [["--real_flag"], ["--other"]]
 
 
+def _bench_flags() -> set[str]:
+    """The flags the benchmarks' own parsers declare (`add_argument("--x", ...)` in bench/*.py): docs/performance.md
+    gives their command lines."""
+    flags = set()
+    for path in (REPO / "bench").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+                flags |= {arg.value for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")}
+    return flags
+
+
 def test_messages_and_docs_name_only_flags_that_exist():
-    flags = _all_flags() | OTHER_TOOLS_FLAGS
+    flags = _all_flags() | OTHER_TOOLS_FLAGS | _bench_flags()
     named: dict[str, set[str]] = {}
     for path in sorted((REPO / "boothkit").rglob("*.py")):
         for text in _string_literals(path.read_text(encoding="utf-8")):
