@@ -158,8 +158,8 @@ def _adapter_blocks(scales: dict[str, torch.Tensor], layers: list[LoraLayer]) ->
         return None
     names = set(scales)
     for layer in layers:
-        if getattr(layer, "merged", False) or not set(layer.active_adapters) <= names or any(
-                layer.use_dora.get(name, False) or name in getattr(layer, "lora_variant", {}) for name in names):
+        if getattr(layer, "merged", False) or not set(layer.active_adapters) <= names or not all(
+                _is_plain_lora(layer, name) for name in names):
             return None
     return blocks
 
@@ -193,8 +193,13 @@ def _row_scaling(layer: LoraLayer, scaling: float, factors: torch.Tensor):
     return (factors * scaling).to(device=weight.device, dtype=weight.dtype).view((factors.shape[0],) + (1,) * (ndim - 1))
 
 
+def _is_plain_lora(layer: LoraLayer, name: str) -> bool:
+    """Not a DoRA or other peft LoRA variant: its output is exactly s·B(A(x))."""
+    return not (layer.use_dora.get(name, False) or name in getattr(layer, "lora_variant", {}))
+
+
 def _check_plain_lora(layer: LoraLayer, name: str) -> None:
-    if layer.use_dora.get(name, False) or name in getattr(layer, "lora_variant", {}):
+    if not _is_plain_lora(layer, name):
         raise BoothkitError(f"adapter '{name}' is a DoRA (or other variant) adapter, which per-sample scaling "
                             "does not support")
 
