@@ -193,3 +193,26 @@ def test_sampling_embeds_prompts_as_the_lora_was_trained(sana, tmp_path, run_cli
     assert text_options(SampleConfig(**base), out) == (120, False)
     assert text_options(SampleConfig(**base, complex_human_instruction=True), out) == (120, True)
     assert text_options(SampleConfig(**base), None) == (300, True)
+
+
+def test_prediction_skips_the_prompt_padding_and_matches_the_padded_call(sana):
+    """`SanaFamily.predict` drops trailing tokens every row masks out (300-token padding of short prompts): the
+    transformer sees only up to the longest prompt, and its output is the full padded call's up to rounding."""
+    family = load_family(str(sana))
+    conditioning = family.encode_prompts(["a sks dog", "a photo of a sks dog on a red sofa in the snow"],
+                                         torch.device("cpu"))
+    hidden, mask = (conditioning.tensors[name] for name in ("encoder_hidden_states", "encoder_attention_mask"))
+    longest = int(mask.nonzero()[:, 1].max()) + 1
+    assert hidden.shape[1] == family.max_sequence_length > longest > int(mask[0].sum())
+    seen = []
+    handle = family.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    latents = torch.randn(2, family.denoiser.config.in_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trimmed = family.predict(latents, 500, conditioning)
+        handle.remove()
+        padded = family.denoiser(latents, encoder_hidden_states=hidden, encoder_attention_mask=mask,
+                                 timestep=torch.full((2,), 500.0) * family.denoiser.config.timestep_scale,
+                                 return_dict=False)[0]
+    assert seen == [longest]
+    assert torch.allclose(trimmed, padded.float(), atol=1e-5, rtol=1e-5) and padded.abs().max() > 0.1
