@@ -122,9 +122,8 @@ def test_same_seed_same_weights_and_caching_changes_nothing(sd15, instance_dir, 
         assert run_cli(*train_args(sd15, instance_dir, out, "--max_train_steps", 6, "--random_flip",
                                    "--train_batch_size", 2, *extra)).code == 0
         runs[name] = load_file(out / "pytorch_lora_weights.safetensors")
-    for key in runs["a"]:
-        assert torch.equal(runs["a"][key], runs["b"][key])
-        torch.testing.assert_close(runs["a"][key], runs["nocache"][key], rtol=1e-4, atol=1e-6)
+    for key in runs["a"]:  # cached latents are encoded one photo at a time, as uncached ones: the same bits
+        assert torch.equal(runs["a"][key], runs["b"][key]) and torch.equal(runs["a"][key], runs["nocache"][key])
 
 
 def test_config_file_with_flag_override(sd15, instance_dir, tmp_path, run_cli):
@@ -403,62 +402,6 @@ def test_gradient_checkpointing_changes_memory_not_results(sd15, instance_dir, t
     plain = trained_weights(run_cli, sd15, instance_dir, tmp_path / "plain")
     checkpointed = trained_weights(run_cli, sd15, instance_dir, tmp_path / "gc", "--gradient_checkpointing")
     assert_same_weights(plain, checkpointed)
-
-
-def test_channels_last_on_a_cpu_changes_speed_not_results(sd15, instance_dir, tmp_path, run_cli, monkeypatch):
-    """On a CPU the UNet trains with channels-last weights (faster convolutions: bench/denoiser_step.py); the
-    LoRA equals the NCHW run's up to rounding."""
-    import boothkit.train.trainer as trainer
-    from boothkit.families.sd import StableDiffusionFamily
-
-    seen = []
-
-    def attach_and_record(config, family, weight_dtype, targets):
-        convs = [m.weight for m in family.denoiser.modules() if isinstance(m, torch.nn.Conv2d)]
-        seen.append(all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-                        for w in convs if w.shape[-1] == 3))
-        return real_attach(config, family, weight_dtype, targets)
-
-    real_attach = trainer.attach_adapters
-    monkeypatch.setattr(trainer, "attach_adapters", attach_and_record)
-    fast = trained_weights(run_cli, sd15, instance_dir, tmp_path / "channels-last")
-    monkeypatch.setattr(StableDiffusionFamily, "channels_last_on_cpu", False)
-    plain = trained_weights(run_cli, sd15, instance_dir, tmp_path / "nchw")
-    assert seen == [True, False]
-    assert_same_weights(fast, plain)
-
-
-def test_lora_on_convolutions_of_a_channels_last_unet(sd15, instance_dir, tmp_path, run_cli):
-    """A LoRA on convolutions is attached after the conversion: its weights are contiguous (so they save), and
-    its gradients equal those of the NCHW UNet up to rounding. (Compared as gradients, not trained weights:
-    Adam's first steps are ±lr for near-zero gradient entries, whatever their rounding.)"""
-    from boothkit.train.lora import attach_lora, use_channels_last
-
-    def gradients(channels_last: bool) -> dict:
-        family = load_family(str(sd15))
-        if channels_last:
-            use_channels_last(family, torch.device("cpu"))
-        unet = family.denoiser
-        attach_lora(unet, ("to_k", "to_q", "to_v", "to_out.0", "conv1"), rank=4, alpha=4, seed=0)
-        lora = {name: p for name, p in unet.named_parameters() if p.requires_grad}
-        assert any(p.ndim == 4 for p in lora.values()) and all(p.is_contiguous() for p in lora.values())
-        generator = torch.Generator().manual_seed(0)
-        for name, parameter in sorted(lora.items()):
-            if "lora_B" in name:
-                torch.nn.init.normal_(parameter, std=0.1, generator=generator)
-        latents = torch.randn(2, unet.config.in_channels, 8, 8, generator=generator)
-        context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
-        unet(latents, torch.tensor([500, 20]), context).sample.square().mean().backward()
-        return {name: p.grad for name, p in lora.items()}
-
-    fast, plain = gradients(True), gradients(False)
-    assert fast.keys() == plain.keys()
-    for name in plain:
-        assert (fast[name] - plain[name]).norm() <= 1e-5 * plain[name].norm() and plain[name].norm() > 0, name
-    result = run_cli(*train_args(sd15, instance_dir, tmp_path / "out", "--max_train_steps", 2,
-                                 "--lora_layers", "to_k,to_q,to_v,to_out.0,conv1"))
-    assert result.code == 0, result.err
-    assert any(".conv1.lora_A" in key for key in lora_keys(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
 
 
 def test_bf16_mixed_precision_keeps_lora_in_float32(sd15, instance_dir, tmp_path, run_cli):

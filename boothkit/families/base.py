@@ -220,8 +220,6 @@ class ModelFamily(ABC):
 
     default_gpu_precision: ClassVar[str | None] = None  # mixed precision when none is asked for, on a GPU
     default_text_encoder_lr: ClassVar[float | None] = None  # --text_encoder_lr when not given (None: --learning_rate)
-    # Convolution-heavy denoisers (UNets) train faster with channels-last weights on a CPU (docs/performance.md)
-    channels_last_on_cpu: ClassVar[bool] = False
 
     def warn_about_training_precision(self, precision: str) -> None:
         """Warn about a mixed precision known to fail with this family's modules."""

@@ -17,7 +17,6 @@ class StableDiffusionFamily(ModelFamily):
     denoiser_name = "unet"
     # The attention projections, as the diffusers DreamBooth-LoRA example targets them.
     denoiser_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
-    channels_last_on_cpu = True
     text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     default_scheduler = "ddim"
     default_inference_steps = 50

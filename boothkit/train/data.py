@@ -19,8 +19,6 @@ from boothkit import seeding
 from boothkit.data.images import crop_is_fixed, crop_top_left, hflip, prepare_image, resized_size, to_tensor
 from boothkit.families.base import LatentDistribution, ModelFamily
 
-ENCODE_BATCH = 8
-
 
 @dataclass(frozen=True)
 class ImageOptions:
@@ -73,15 +71,10 @@ class LatentBank:
 
     @torch.no_grad()
     def _fill_cache(self, keys: list[tuple[int, bool]], label: str) -> None:
-        bar = tqdm(total=len(keys), desc=f"caching {label} latents", unit="img", leave=False)
-        for start in range(0, len(keys), ENCODE_BATCH):
-            chunk = keys[start:start + ENCODE_BATCH]
-            pixels = torch.stack([self._pixels(index, flip, None) for index, flip in chunk])
-            posterior = self.family.encode_pixels(pixels)
-            for row, key in enumerate(chunk):
-                self.cache[key] = LatentDistribution(posterior.mean[row:row + 1], posterior.std[row:row + 1])
-            bar.update(len(chunk))
-        bar.close()
+        # One image at a time, as the uncached path and the diffusers examples (batch 1) encode: the encoder's
+        # activations for several 1024 px images would set the run's peak memory before training has begun.
+        for index, flip in tqdm(keys, desc=f"caching {label} latents", unit="img", leave=False):
+            self.cache[(index, flip)] = self.posterior(index, flip, None)
 
     def geometry(self, index: int, flip: bool, crop_offset: tuple[float, float] | None) -> ImageGeometry:
         """The `ImageGeometry` of image `index` cropped at `crop_offset` (any offset when the crop is fixed)."""

@@ -27,16 +27,6 @@ def attach_lora(module: torch.nn.Module, targets: tuple[str, ...], rank: int, al
         module.add_adapter(config)
 
 
-def use_channels_last(family: ModelFamily, device: torch.device) -> None:
-    """On a CPU, the denoiser's frozen weights in channels-last memory format when the family asks for it
-    (UNets): PyTorch then runs their convolutions in its NHWC kernels, 1.09–1.13× the bench UNet's LoRA step
-    (`bench/denoiser_step.py`, docs/performance.md); results differ from the NCHW kernels by rounding only.
-    Done before the LoRA is attached, so the trained weights (the ones saved) stay contiguous. Not on a GPU,
-    where it has not been measured."""
-    if family.channels_last_on_cpu and device.type == "cpu":
-        family.denoiser.to(memory_format=torch.channels_last)
-
-
 def lora_targets(config: TrainConfig, family: ModelFamily) -> dict[str, tuple[str, ...]]:
     """The LoRA target layers of each trained module: {denoiser name: ..., [each text encoder: ...]} (SDXL:
     "text_encoder" and "text_encoder_2")."""

@@ -37,7 +37,7 @@ from boothkit.train import full
 from boothkit.train.data import ImageOptions, LatentBank, SampleOrder, sample_positions
 from boothkit.train.losses import min_snr_weights
 from boothkit.train.lora import (attach_adapters, lora_targets, prompt_encoding_settings, save_lora,
-                                 trainable_parameters, trainable_state, training_description, use_channels_last)
+                                 trainable_parameters, trainable_state, training_description)
 from boothkit.train.pdm import captured_queries
 from boothkit.train.regularizers import Regularizers, per_sample_loss, prepare_regularizers
 from boothkit.train.optim import make_optimizer, parameter_groups, restore, text_encoder_lr
@@ -394,7 +394,6 @@ def _prepare(config: TrainConfig, accelerator: Accelerator, folder: OutputFolder
     if config.train_mode == "full":
         trainable = full.prepare_full(config, family, targets)
     else:
-        use_channels_last(family, accelerator.device)
         trainable = attach_adapters(config, family, weight_dtype, targets)
     parameters = trainable_parameters(trainable)
     ema = full.make_ema(config, parameters)
