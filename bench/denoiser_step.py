@@ -14,7 +14,9 @@ MSE loss, backward into rank-4 LoRA weights on to_q/to_k/to_v/to_out.0, AdamW st
 
 Each variant runs in its own child process (the settings are process-wide), the plain step in another, in
 interleaved rounds; a child times `--steps` steps after `--warmup` and reports the median. Printed per variant:
-its ms/step and its speed-up over the plain step in the same round, as median with a 95 % bootstrap interval.
+its ms/step, its speed-up over the plain step in the same round and its peak RSS over the plain step's (the
+UNet loaded as the trainers load it: safetensors weights memory-mapped), as medians with 95 % bootstrap
+intervals.
 
     python bench/denoiser_step.py [--variants channels_last bf16_autocast onednn_bf16 sdpa_math compile]
                                   [--resolution 128] [--rounds 5] [--steps 20] [--threads 1]
@@ -40,7 +42,10 @@ VARIANTS = ("channels_last", "bf16_autocast", "onednn_bf16", "sdpa_math", "compi
 
 
 def child(variant: str, model: Path, resolution: int, steps: int, warmup: int) -> dict:
-    """ms per step (median of `steps` after `warmup`) of one variant; with compile, the first step's seconds."""
+    """ms per step (median of `steps` after `warmup`) of one variant; with compile, the first step's seconds; the
+    process's peak RSS (GB)."""
+    import resource
+
     import torch
     from diffusers import UNet2DConditionModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -70,7 +75,8 @@ def child(variant: str, model: Path, resolution: int, steps: int, warmup: int) -
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return {"ms": 1000 * statistics.median(times[warmup:]), "first_s": times[0]}
+    return {"ms": 1000 * statistics.median(times[warmup:]), "first_s": times[0],
+            "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 
 def run_child(variant: str, args, model: Path) -> dict:
@@ -108,12 +114,14 @@ def main() -> None:
             rounds.append({name: run_child(name, args, model) for name in names})
     print(f"sd bench UNet, LoRA rank 4, {args.resolution} px, batch 1, {args.threads or 'default'} thread(s), "
           f"{args.rounds} rounds of {args.steps} steps")
-    print(f"plain fp32 step: {statistics.median(r['plain']['ms'] for r in rounds):.1f} ms")
+    print(f"plain fp32 step: {statistics.median(r['plain']['ms'] for r in rounds):.1f} ms, peak RSS "
+          f"{statistics.median(r['plain']['rss_gb'] for r in rounds):.3f} GB")
     for variant in args.variants:
         speedups = [r["plain"]["ms"] / r[variant]["ms"] for r in rounds]
         first = statistics.median(r[variant]["first_s"] for r in rounds)
+        memory = [r[variant]["rss_gb"] / r["plain"]["rss_gb"] for r in rounds]
         print(f"{variant}: {statistics.median(r[variant]['ms'] for r in rounds):.1f} ms/step, first step {first:.1f} s; "
-              + ratio_line("speed-up over plain", speedups))
+              + ratio_line("speed-up over plain", speedups) + "; " + ratio_line("peak RSS over plain", memory))
 
 
 if __name__ == "__main__":
