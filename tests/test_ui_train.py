@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -61,7 +62,16 @@ def test_a_short_run_from_uploaded_photos_is_the_clis_run(page, tmp_path):
     assert ours.keys() == theirs.keys() and all((ours[key] == theirs[key]).all() for key in ours)
 
 
-def test_cancel_keeps_a_folder_the_cli_resumes(page):
+@pytest.fixture
+def sigint_ignored():
+    """As under `nohup boothkit ui &` from a script: the page's process (here pytest's) ignores SIGINT, and the
+    runs it starts inherit that."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_cancel_keeps_a_folder_the_cli_resumes(page, sigint_ignored):
     client = client_of(page)
     job = client.submit(*values(output_dir="runs/long", max_train_steps=100_000, validation_prompt="",
                                 weak_checkpoint_step=2), api_name="/train")

@@ -33,6 +33,11 @@ TRAIN_FIELDS = ("model", "photos", "photo_folder", "instance_prompt", "class_pro
 POLL_SECONDS = 0.5
 _STEP = re.compile(r"step-(\d+)")
 CANCEL_GRACE_SECONDS = 60  # after SIGINT, how long the run may take to close its folder before it is killed
+# `boothkit train` with Ctrl-C's KeyboardInterrupt restored first: a page started in the background by a
+# non-interactive shell (`nohup boothkit ui &`, a service script) has SIGINT ignored, and an ignored signal is
+# inherited across exec — the run would then ignore Cancel until the grace period ends and it is killed.
+CHILD_PROGRAM = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 "from boothkit.cli import main; raise SystemExit(main(['train', *sys.argv[1:]]))")
 
 
 @dataclass
@@ -55,7 +60,7 @@ class TrainJob:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         environment = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "boothkit", "train", *self.arguments],
+            self.process = subprocess.Popen([sys.executable, "-c", CHILD_PROGRAM, *self.arguments],
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=environment, start_new_session=True)
 
