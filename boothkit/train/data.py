@@ -71,8 +71,9 @@ class LatentBank:
 
     @torch.no_grad()
     def _fill_cache(self, keys: list[tuple[int, bool]], label: str) -> None:
-        # One image at a time, as the uncached path and the diffusers examples (batch 1) encode: the encoder's
-        # activations for several 1024 px images would set the run's peak memory before training has begun.
+        # One image at a time, as the uncached path encodes (and the diffusers examples, one training batch per
+        # step): the encoder's activations for several 1024 px images would set the run's peak memory before
+        # training has begun.
         for index, flip in tqdm(keys, desc=f"caching {label} latents", unit="img", leave=False):
             self.cache[(index, flip)] = self.posterior(index, flip, None)
 
